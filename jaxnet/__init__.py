@@ -1,0 +1,36 @@
+"""jaxnet: the PyTorch tutorial's ``Net`` and its training, in functional JAX/Flax.
+
+``jaxnet.torch_reference`` (the PyTorch original) is imported only on request and needs torch.
+"""
+
+from jaxnet import losses, optim
+from jaxnet.convert import (
+    WeightFileError,
+    check_nhwc_images,
+    nchw_to_nhwc,
+    nhwc_to_nchw,
+    params_from_torch,
+    params_to_torch,
+)
+from jaxnet.model import Net, summary
+from jaxnet.train import TrainState, create_train_state, eval_step, loss_fn, train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Net",
+    "TrainState",
+    "WeightFileError",
+    "check_nhwc_images",
+    "create_train_state",
+    "eval_step",
+    "loss_fn",
+    "losses",
+    "nchw_to_nhwc",
+    "nhwc_to_nchw",
+    "optim",
+    "params_from_torch",
+    "params_to_torch",
+    "summary",
+    "train_step",
+]

@@ -1,0 +1,109 @@
+"""Small pure training functions over a ``TrainState``, in the style of Flax's examples."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from jaxnet import losses
+from jaxnet.model import Net
+
+__all__ = ["Batch", "Criterion", "TrainState", "create_train_state", "eval_step", "loss_fn",
+           "train_step"]
+
+Batch = tuple[jax.Array, jax.Array]
+"""``(images, targets)``: images NHWC ``(N, 32, 32, 1)``; targets as the criterion wants them."""
+
+Criterion = Callable[[jax.Array, jax.Array], jax.Array]
+"""``criterion(logits, targets) -> scalar loss``, e.g. ``jaxnet.losses.cross_entropy``."""
+
+
+class TrainState(train_state.TrainState):
+    """Flax's ``TrainState``: ``step``, ``params``, ``opt_state``; static ``apply_fn``, ``tx``."""
+
+
+def create_train_state(
+    key: jax.Array, net: Net, tx: optax.GradientTransformation, params: Any = None
+) -> TrainState:
+    """A fresh state for ``net`` (initialised from ``key`` unless ``params`` is given)."""
+    if params is None:
+        params = net.init(key, jnp.zeros((1, 32, 32, 1), jnp.float32))["params"]
+    return TrainState.create(apply_fn=net.apply, params=params, tx=tx)
+
+
+def loss_fn(
+    params: Any, apply_fn: Callable[..., jax.Array], batch: Batch, criterion: Criterion
+) -> tuple[jax.Array, jax.Array]:
+    """``(criterion(apply_fn(params, images), targets), logits)``; pure, differentiable."""
+    images, targets = batch
+    logits = apply_fn({"params": params}, images)
+    return criterion(logits, targets), logits
+
+
+def _raise_bad_labels(low: Any, high: Any, num_classes: int) -> None:
+    raise ValueError(
+        f"class labels must lie in [0, {num_classes}), found values from {low} to {high}. "
+        "Map the labels to 0..num_classes-1 or build Net(num_classes=...) to match."
+    )
+
+
+def _guard_labels(targets: jax.Array, num_classes: int) -> None:
+    """Inside jit: raise (through a host callback) if an integer label is out of range.
+
+    Only integer targets are class indices. torch's ``ignore_index`` (-100) stays allowed.
+    """
+    if not jnp.issubdtype(targets.dtype, jnp.integer) or targets.size == 0:
+        return
+    kept = targets != -100
+    low = jnp.min(jnp.where(kept, targets, 0))
+    high = jnp.max(jnp.where(kept, targets, 0))
+    jax.lax.cond(
+        (low < 0) | (high >= num_classes),
+        lambda: jax.debug.callback(_raise_bad_labels, low, high, num_classes),
+        lambda: None,
+    )
+
+
+def _metrics(loss: jax.Array, logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+    metrics = {"loss": loss}
+    if jnp.issubdtype(targets.dtype, jnp.integer) and targets.shape == logits.shape[:1]:
+        kept = targets != -100
+        hits = (jnp.argmax(logits, axis=-1) == targets) & kept
+        metrics["accuracy"] = jnp.sum(hits) / jnp.maximum(jnp.sum(kept), 1)
+    return metrics
+
+
+@functools.partial(jax.jit, static_argnames=("criterion",))
+def train_step(
+    state: TrainState, batch: Batch, criterion: Criterion = losses.cross_entropy
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step: ``value_and_grad`` of ``loss_fn``, then ``state.apply_gradients``.
+
+    The same as ``zero_grad(); loss.backward(); optimizer.step()`` in PyTorch. ``criterion`` is
+    static: pass the same function object every step (a new ``functools.partial`` each call
+    would recompile). Returns ``(new_state, {"loss", and "accuracy" for class-index targets})``,
+    where the metrics are those of the parameters *before* the step.
+    """
+    _, targets = batch
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.apply_fn, batch, criterion
+    )
+    _guard_labels(targets, logits.shape[-1])
+    return state.apply_gradients(grads=grads), _metrics(loss, logits, targets)
+
+
+@functools.partial(jax.jit, static_argnames=("criterion",))
+def eval_step(
+    state: TrainState, batch: Batch, criterion: Criterion = losses.cross_entropy
+) -> dict[str, jax.Array]:
+    """Loss (and accuracy for class-index targets) of ``state.params`` on ``batch``; no update."""
+    _, targets = batch
+    loss, logits = loss_fn(state.params, state.apply_fn, batch, criterion)
+    _guard_labels(targets, logits.shape[-1])
+    return _metrics(loss, logits, targets)
