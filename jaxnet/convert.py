@@ -93,9 +93,7 @@ def check_nhwc_images(x: Any) -> None:
                 "Pad MNIST-sized images by 2 pixels on each side, e.g. "
                 "jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))."
             )
-        raise ValueError(
-            f"Net expects NHWC images of shape (N, 32, 32, 1), got {shape}."
-        )
+        raise ValueError(f"Net expects NHWC images of shape (N, 32, 32, 1), got {shape}.")
     if not np.issubdtype(dtype, np.floating):
         raise TypeError(
             f"Net expects floating-point images, got dtype {dtype}. Convert first, e.g. "

@@ -88,5 +88,8 @@ def summary(net: Net | None = None, batch_size: int = 1) -> str:
     net = net if net is not None else Net()
     x = jnp.zeros((batch_size, IMAGE_SIZE, IMAGE_SIZE, IN_CHANNELS), jnp.float32)
     return net.tabulate(
-        jax.random.key(0), x, compute_flops=False, console_kwargs={"width": 120}
+        jax.random.key(0),
+        x,
+        compute_flops=False,
+        console_kwargs={"width": 120, "color_system": None, "force_jupyter": False},
     )

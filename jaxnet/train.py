@@ -14,8 +14,15 @@ from flax.training import train_state
 from jaxnet import losses
 from jaxnet.model import Net
 
-__all__ = ["Batch", "Criterion", "TrainState", "create_train_state", "eval_step", "loss_fn",
-           "train_step"]
+__all__ = [
+    "Batch",
+    "Criterion",
+    "TrainState",
+    "create_train_state",
+    "eval_step",
+    "loss_fn",
+    "train_step",
+]
 
 Batch = tuple[jax.Array, jax.Array]
 """``(images, targets)``: images NHWC ``(N, 32, 32, 1)``; targets as the criterion wants them."""
@@ -25,7 +32,16 @@ Criterion = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class TrainState(train_state.TrainState):
-    """Flax's ``TrainState``: ``step``, ``params``, ``opt_state``; static ``apply_fn``, ``tx``."""
+    """Flax's ``TrainState``: ``step``, ``params``, ``opt_state``; static ``apply_fn``, ``tx``.
+
+    ``create`` starts ``step`` as an int32 array rather than Flax's Python ``0``, so the first
+    and later calls of a jitted step see the same argument types and compile once.
+    """
+
+    @classmethod
+    def create(cls, *, apply_fn: Callable[..., Any], params: Any, tx: Any, **kwargs: Any):
+        state = super().create(apply_fn=apply_fn, params=params, tx=tx, **kwargs)
+        return state.replace(step=jnp.asarray(state.step, jnp.int32))
 
 
 def create_train_state(
