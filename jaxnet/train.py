@@ -58,6 +58,11 @@ def loss_fn(
 ) -> tuple[jax.Array, jax.Array]:
     """``(criterion(apply_fn(params, images), targets), logits)``; pure, differentiable."""
     images, targets = batch
+    if jnp.ndim(targets) == 0 or jnp.shape(targets)[0] != jnp.shape(images)[0]:
+        raise ValueError(
+            f"the batch has {jnp.shape(images)[0] if jnp.ndim(images) else 0} images but targets "
+            f"of shape {jnp.shape(targets)}; give one target row per image."
+        )
     logits = apply_fn({"params": params}, images)
     return criterion(logits, targets), logits
 

@@ -202,6 +202,12 @@ def test_train_step_rejects_wrong_target_shape(net):
         jaxnet.train_step(
             state, (jnp.zeros((3, 32, 32, 1)), jnp.zeros((3,))), jaxnet.losses.l1_loss
         )
+    with pytest.raises(ValueError, match="one target row per image"):
+        jaxnet.train_step(
+            state,
+            (jnp.zeros((3, 32, 32, 1)), jnp.zeros((4,), jnp.int32)),
+            jaxnet.losses.cross_entropy,
+        )
     with pytest.raises(ValueError, match="NCHW"):
         jaxnet.train_step(
             state, (jnp.zeros((3, 1, 32, 32)), jnp.zeros((3, 2))), jaxnet.losses.l1_loss
