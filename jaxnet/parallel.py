@@ -405,6 +405,28 @@ def read_params_npz(path: str | os.PathLike, net: Net) -> Any:
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
+def _checkpoint_roundtrip(directory: str, state: TrainState, mesh: Mesh) -> bool:
+    """Save ``state`` with orbax and restore it replicated over ``mesh``, in every process.
+
+    Orbax synchronises the processes inside ``save``/``restore``; each array is written once
+    (replicated arrays by replica 0's process) and ``restore`` into ``abstract_like`` gives each
+    process the global arrays. Whether the restored state equals ``state``, bit for bit.
+    """
+    import orbax.checkpoint as ocp
+
+    step = int(to_host(state.step))
+    path = os.path.abspath(directory)
+    with ocp.CheckpointManager(path) as manager:
+        manager.save(step, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+    with ocp.CheckpointManager(path) as manager:
+        back = manager.restore(step, args=ocp.args.StandardRestore(abstract_like(state, mesh)))
+    replicated = all(x.sharding.is_equivalent_to(replicated_sharding(mesh), np.ndim(x))
+                     for x in jax.tree.leaves(back))
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), to_host(back), to_host(state))
+    return replicated and all(jax.tree.leaves(same))
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m jaxnet.parallel",
@@ -428,6 +450,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    "instead of Net's init from --seed")
     p.add_argument("--save-params", default=None,
                    help="write the final params to this .npz (primary process only)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="save the final TrainState there with orbax (every process takes part), "
+                   "restore it replicated over the mesh, and report whether it came back equal")
     return p.parse_args(argv)
 
 
@@ -449,15 +474,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     seconds = time.perf_counter() - start
     params = to_host(state.params)
+    report = {
+        "mesh": describe_mesh(mesh), "devices": mesh.devices.size,
+        "processes": jax.process_count(), "steps": args.steps,
+        "global_batch_size": args.global_batch_size, "losses": history,
+        "seconds_incl_compile": seconds,
+    }
+    if args.checkpoint_dir:
+        report["checkpoint_restored_equal"] = _checkpoint_roundtrip(
+            args.checkpoint_dir, state, mesh)
     if is_primary():
         if args.save_params:
             write_params_npz(args.save_params, params)
-        print(json.dumps({
-            "mesh": describe_mesh(mesh), "devices": mesh.devices.size,
-            "processes": jax.process_count(), "steps": args.steps,
-            "global_batch_size": args.global_batch_size, "losses": history,
-            "seconds_incl_compile": seconds,
-        }), flush=True)
+        print(json.dumps(report), flush=True)
     return 0
 
 

@@ -134,7 +134,8 @@ def test_two_processes_match_one_process_with_four_devices(eight, tmp_path):
     port = _free_port()
     cmd = [sys.executable, "-m", "jaxnet.parallel", "--steps", str(STEPS),
            "--global-batch-size", str(BATCH), "--init-params", str(ref / "init.npz"),
-           "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
+           "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+           "--checkpoint-dir", str(tmp_path / "ckpt")]
     texts = _run_all(
         [[*cmd, "--process-id", "0", "--save-params", str(tmp_path / "p2.npz")],
          [*cmd, "--process-id", "1"]],
@@ -144,6 +145,9 @@ def test_two_processes_match_one_process_with_four_devices(eight, tmp_path):
     run = json.loads(lines[-1])
     assert run["mesh"] == "4 devices, 2 processes" and run["processes"] == 2
     assert not any(ln.startswith("{") for ln in texts[1].splitlines()), "only process 0 reports"
+    # orbax: both processes saved together and each restored the state, replicated, bit-equal.
+    assert run["checkpoint_restored_equal"] is True
+    assert (tmp_path / "ckpt" / str(STEPS)).is_dir()
     # Each process fed only its half of every global batch; gloo all-reduced the gradients.
     np.testing.assert_allclose(run["losses"], r["steps_10"]["losses"]["f32_4"], rtol=0, atol=1e-6)
     with np.load(tmp_path / "p2.npz") as a, np.load(ref / "mesh4.npz") as b:
