@@ -198,7 +198,10 @@ def assemble_batch(local_batch: Batch, mesh: Mesh) -> Batch:
     """
     local_size = _check_batch(local_batch)
     n_local = len(mesh.local_devices)
-    global_size = local_size * mesh.devices.size // max(n_local, 1)
+    if n_local == 0:
+        raise ValueError(f"process {jax.process_index()} has no devices in the mesh; build the "
+                         "mesh over devices of every process (make_mesh() uses all of them).")
+    global_size = local_size * mesh.devices.size // n_local
     check_batch_size(global_size, mesh)
     sharding = batch_sharding(mesh)
     return jax.tree.map(
