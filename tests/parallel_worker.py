@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet import Net, create_train_state, losses, optim, train_step
+from jaxnet import Net, create_train_state, eval_step, losses, optim, train_step
 from jaxnet import parallel as par
 
 BATCH = 32
@@ -81,6 +81,11 @@ def main(out: Path) -> None:
         create_train_state(jax.random.key(0), Net(), optim.sgd(0.01, 0.9), params0), mesh8)
     compiled = train_step.lower(state8, (images, labels), losses.cross_entropy).compile()
     result["compiled_all_reduce"] = "all-reduce" in compiled.as_text()
+    # eval_step, unchanged, on the sharded batch and state vs one device.
+    m8 = eval_step(state8, (images, labels))
+    m1 = eval_step(create_train_state(jax.random.key(0), Net(), optim.sgd(0.01, 0.9), params0),
+                   (jnp.asarray(x), jnp.asarray(y)))
+    result["eval"] = {k: [float(m1[k]), float(m8[k])] for k in m1}
     runs: dict[str, dict] = {}
     for steps in (1, STEPS):
         for name, mesh, dtype in (("f32_1", mesh1, jnp.float32), ("f32_8", mesh8, jnp.float32),
