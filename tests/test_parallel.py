@@ -1,0 +1,210 @@
+"""Data parallelism (jaxnet.parallel): sharded == single-device within float32 round-off, on 8
+host devices and across 2 real processes.
+
+Host devices must be requested before jax is imported, so those runs are subprocesses
+(tests/parallel_worker.py, and ``python -m jaxnet.parallel`` for the 2-process run). Each run has
+a deadline, and every process is killed (its whole process group) when a test ends. The bound
+for "float32 round-off" is measured in the same run: the difference between the single-device
+float32 result and the same computation in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxnet import Net
+from jaxnet import parallel as par
+
+REPO = Path(__file__).resolve().parents[1]
+DEADLINE_S = 240  # per group of subprocesses; a normal run takes a fraction of this
+STEPS = 10  # as in parallel_worker.py
+BATCH = 32
+
+
+def _env(host_devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    flag = f"--xla_force_host_platform_device_count={host_devices}"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    for name in (par.COORDINATOR_ADDRESS_ENV, par.NUM_PROCESSES_ENV, par.PROCESS_ID_ENV):
+        env.pop(name, None)
+    return env
+
+
+def _run_all(cmds: list[list[str]], env: dict[str, str], logs: Path) -> list[str]:
+    """Run ``cmds`` concurrently; their stdout, or a failure with their logs' tails. Kills every
+    process group on the way out, whatever happens."""
+    procs, outs = [], []
+    try:
+        for i, cmd in enumerate(cmds):
+            out = open(logs / f"proc{i}.log", "w+")  # closed in finally
+            outs.append(out)
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + DEADLINE_S
+        for p in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{cmds} did not finish within {DEADLINE_S} s; logs in {logs}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        texts = []
+        for out in outs:
+            out.seek(0)
+            texts.append(out.read())
+            out.close()
+    for p, text in zip(procs, texts, strict=True):
+        assert p.returncode == 0, f"{p.args} exited {p.returncode}:\n{text[-4000:]}"
+    return texts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("eight_devices")
+    _run_all([[sys.executable, str(REPO / "tests" / "parallel_worker.py"), str(out)]],
+             _env(8), out)
+    return json.loads((out / "result.json").read_text()), out
+
+
+def _assert_within_round_off(r: dict, key: str) -> None:
+    floor = r["single_vs_f64"]  # float32 vs float64 from the same start: the noise floor
+    assert 0 < floor < 1e-6 * r["param_scale"], r
+    assert r[key] <= 2 * floor, f"{key}: {r[key]:.3g} vs float32 noise floor {floor:.3g}"
+    for name in ("f32_8", "f32_4"):
+        if name in r["losses"]:
+            np.testing.assert_allclose(r["losses"][name], r["losses"]["f32_1"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sharded_step_equals_single_device_step(eight):
+    r, _ = eight
+    assert r["describe"] == ["1 device, 1 process", "4 devices, 1 process", "8 devices, 1 process"]
+    assert r["batch_spec"] == "P('data',)"
+    assert r["batch_shard_shapes"] == [[BATCH // 8, 32, 32, 1]]
+    assert r["batch_roundtrip_equal"]
+    assert r["local_rows_8"] == list(range(BATCH))
+    assert r["state_replicated_1"] and r["state_replicated_10"]
+    assert r["compiled_all_reduce"]
+    (loss1, loss8), (acc1, acc8) = r["eval"]["loss"], r["eval"]["accuracy"]
+    assert abs(loss8 - loss1) <= 1e-6 and acc8 == acc1
+    assert all(r[k] == ["float32"] for k in r if k.startswith("dtypes_"))
+    # Measured: 3.7e-9 (one step, 8 devices) against a float32 noise floor of 1.4e-8.
+    _assert_within_round_off(r["steps_1"], "sharded8_vs_single")
+
+
+@pytest.mark.slow
+def test_sharded_short_run_matches_single_device(eight):
+    r, _ = eight
+    # Measured after 10 steps: 7.5e-9 (8 and 4 devices) against a noise floor of 4.6e-8.
+    _assert_within_round_off(r["steps_10"], "sharded8_vs_single")
+    _assert_within_round_off(r["steps_10"], "sharded4_vs_single")
+
+
+@pytest.mark.slow
+def test_uneven_global_batch_is_a_clear_error(eight):
+    errors = eight[0]["errors"]
+    for name in ("shard_batch", "driver"):
+        assert "12 does not split evenly over the 8 devices" in errors[name]
+        assert "multiple of 8 (e.g. 8 or 16)" in errors[name]
+    assert "batch size 4 does not split evenly" in errors["local_rows"]
+    assert "same leading (batch) dimension" in errors["mismatched"]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_four_devices(eight, tmp_path):
+    r, ref = eight
+    port = _free_port()
+    cmd = [sys.executable, "-m", "jaxnet.parallel", "--steps", str(STEPS),
+           "--global-batch-size", str(BATCH), "--init-params", str(ref / "init.npz"),
+           "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+           "--checkpoint-dir", str(tmp_path / "ckpt")]
+    texts = _run_all(
+        [[*cmd, "--process-id", "0", "--save-params", str(tmp_path / "p2.npz")],
+         [*cmd, "--process-id", "1"]],
+        _env(2), tmp_path,
+    )
+    lines = [ln for ln in texts[0].splitlines() if ln.startswith("{")]
+    run = json.loads(lines[-1])
+    assert run["mesh"] == "4 devices, 2 processes" and run["processes"] == 2
+    assert not any(ln.startswith("{") for ln in texts[1].splitlines()), "only process 0 reports"
+    # orbax: both processes saved together and each restored the state, replicated, bit-equal.
+    assert run["checkpoint_restored_equal"] is True
+    assert (tmp_path / "ckpt" / str(STEPS)).is_dir()
+    # Each process fed only its half of every global batch; gloo all-reduced the gradients.
+    np.testing.assert_allclose(run["losses"], r["steps_10"]["losses"]["f32_4"], rtol=0, atol=1e-6)
+    with np.load(tmp_path / "p2.npz") as a, np.load(ref / "mesh4.npz") as b:
+        assert sorted(a) == sorted(b)
+        diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    floor = r["steps_10"]["single_vs_f64"]
+    assert diff <= 2 * floor, f"2 processes vs 1: {diff:.3g}, float32 noise floor {floor:.3g}"
+
+
+# In-process checks (the pytest process has one CPU device).
+
+
+def test_mesh_on_one_device():
+    mesh = par.make_mesh(jax.devices()[:1])
+    assert par.describe_mesh(mesh) == "1 device, 1 process"
+    assert mesh.axis_names == (par.DATA_AXIS,)
+    assert par.check_batch_size(5, mesh) == 5
+    np.testing.assert_array_equal(par.local_batch_indices(5, mesh), np.arange(5))
+    with pytest.raises(ValueError, match="does not split evenly"):
+        par.check_batch_size(0, mesh)
+    with pytest.raises(ValueError, match="at least one device"):
+        par.make_mesh([])
+    assert par.is_primary()
+
+
+def test_initialize_distributed_reads_the_environment(monkeypatch):
+    for name in (par.COORDINATOR_ADDRESS_ENV, par.NUM_PROCESSES_ENV, par.PROCESS_ID_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert par.initialize_distributed() is False  # single process: nothing to do
+
+    monkeypatch.setenv(par.COORDINATOR_ADDRESS_ENV, "10.0.0.1:1234")
+    with pytest.raises(ValueError, match="missing: num_processes / JAX_NUM_PROCESSES, "
+                                         "process_id / JAX_PROCESS_ID"):
+        par.initialize_distributed()
+    monkeypatch.setenv(par.NUM_PROCESSES_ENV, "2")
+    monkeypatch.setenv(par.PROCESS_ID_ENV, "two")
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID='two' is not a valid int"):
+        par.initialize_distributed()
+    monkeypatch.setenv(par.PROCESS_ID_ENV, "2")
+    with pytest.raises(ValueError, match=r"process id 2 is outside 0\.\.1"):
+        par.initialize_distributed()
+    with pytest.raises(ValueError, match="needs a port"):
+        par.initialize_distributed("10.0.0.1", process_id=0)  # arguments override the env
+
+
+def test_params_npz_roundtrip_and_mismatch(tmp_path):
+    net = Net()
+    like = jax.eval_shape(par.init_params, net, jax.random.key(0))
+    params = jax.tree.map(lambda s: np.arange(np.prod(s.shape), dtype=s.dtype).reshape(s.shape),
+                          like)
+    path = tmp_path / "p.npz"
+    par.write_params_npz(path, params)
+    back = par.read_params_npz(path, net)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    assert not list(tmp_path.glob("*.tmp.npz"))
+    with pytest.raises(ValueError, match=r"no array \['fc3'\]\['bias'\] of shape \(3,\)"):
+        par.read_params_npz(path, Net(num_classes=3))
