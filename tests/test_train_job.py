@@ -1,0 +1,258 @@
+"""The training job end to end: files, resume, kill-and-resume, signals, NaN, bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import SMALL, small
+from flax import serialization
+
+import jaxnet.train as train_mod
+from jaxnet.checkpoint import CheckpointError, Checkpoints
+from jaxnet.report import diagnose
+from jaxnet.train import NonFiniteLossError, train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def assert_same_bits(a, b) -> None:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def without_seconds(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def test_end_to_end_writes_metrics_curves_checkpoints(reference_run, capsys):
+    workdir, result = reference_run
+    assert result.status == "finished"
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for r in records:
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"):
+            assert np.isfinite(r[key])
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Checkpoints(workdir / "checkpoints") as ckpts:
+        step, meta = ckpts.read_meta("last")
+        best_epoch, _ = ckpts.read_meta("best")
+    assert step == 24 and meta["status"] == "finished" and meta["epoch"] == 4
+    assert best_epoch == result.best_epoch == min(records, key=lambda r: r["val_loss"])["epoch"]
+    assert result.diagnosis.text
+
+
+def test_per_example_grad_norms_match_single_example_grads():
+    from jaxnet import Net, optim
+    from jaxnet.train import create_train_state, loss_fn, per_example_grad_norms
+
+    state = create_train_state(jax.random.key(0), Net(), optim.sgd())
+    x = jax.random.normal(jax.random.key(1), (5, 32, 32, 1))
+    y = np.array([0, 1, 1, 0, 1])
+    norms = per_example_grad_norms(state, (x, y), chunk_size=2)  # 5 = 2 + 2 + 1 (padded)
+    assert norms.shape == (5,)
+    for i in range(5):
+        g = jax.grad(lambda p, i=i: loss_fn(p, state.apply_fn, (x[i : i + 1], y[i : i + 1]),
+                                            train_mod.losses.cross_entropy)[0])(state.params)
+        ref = np.sqrt(sum(float(np.sum(np.square(leaf))) for leaf in jax.tree.leaves(g)))
+        np.testing.assert_allclose(float(norms[i]), ref, rtol=1e-5)
+
+
+def test_resume_continues_bit_identically(reference_run, tmp_path: Path):
+    _, reference = reference_run
+    first = train_and_evaluate(small(epochs=1), tmp_path)
+    assert first.status == "finished" and len(first.history) == 1
+    resumed = train_and_evaluate(small(resume=True), tmp_path)
+    assert resumed.status == "finished"
+    assert_same_bits(serialization.to_state_dict(resumed.state),
+                     serialization.to_state_dict(reference.state))
+    assert without_seconds(resumed.history) == without_seconds(reference.history)
+    # Resuming a finished run does nothing more.
+    again = train_and_evaluate(small(resume=True), tmp_path)
+    assert int(again.state.step) == int(reference.state.step)
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A persistent compilation cache shared by this module's subprocesses (not this process):
+    the first compiles, the others load the same executables."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def _start_training(workdir: Path, cache: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "jaxnet", "train", "--workdir", str(workdir), "--limit",
+           str(SMALL.limit), "--batch-size", str(SMALL.batch_size), "--epochs",
+           str(SMALL.epochs), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_first_checkpoint(proc: subprocess.Popen, workdir: Path) -> None:
+    last = workdir / "checkpoints" / "last"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if last.is_dir() and any(p.name.isdigit() for p in last.iterdir()):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before its first checkpoint: {proc.communicate()}")
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail("no checkpoint within 240 s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_killed_mid_run_then_resumed_is_bit_identical(reference_run, xla_cache, tmp_path, sig):
+    """A real process killed after its first epoch's checkpoint (i.e. during epoch 2), then
+    resumed, ends with the reference run's exact bits. SIGTERM/SIGINT save where they stop
+    (mid-epoch) and exit cleanly; SIGKILL cannot be caught, so the resume replays epoch 2."""
+    _, reference = reference_run
+    proc = _start_training(tmp_path, xla_cache)
+    _wait_for_first_checkpoint(proc, tmp_path)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=240)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 128 + sig, (out, err)  # clean exit: 130 SIGINT, 143 SIGTERM
+        assert "Traceback" not in err
+        assert "continue with --resume" in out
+    with Checkpoints(tmp_path / "checkpoints") as ckpts:
+        step, _ = ckpts.read_meta("last")
+    assert step < int(reference.state.step), "the process finished before the signal came"
+    resumed = train_and_evaluate(small(resume=True), tmp_path)
+    assert resumed.status == "finished"
+    assert_same_bits(serialization.to_state_dict(resumed.state),
+                     serialization.to_state_dict(reference.state))
+    assert without_seconds(resumed.history) == without_seconds(reference.history)
+
+
+def test_interrupted_mid_epoch_in_process_resumes_identically(reference_run, tmp_path, monkeypatch):
+    """Mid-epoch resumption, deterministically: stop after step 11 (epoch 2, batch 3)."""
+    _, reference = reference_run
+    real_epoch = train_mod.train_epoch
+
+    def stop_at_11(*args, **kwargs):
+        kwargs["should_stop"] = lambda: int(state_box[0].step) >= 11
+        return real_epoch(*args, **kwargs)
+
+    state_box = [None]
+    real_step = train_mod.train_step
+
+    def tracking_step(state, batch, criterion):
+        new_state, metrics = real_step(state, batch, criterion)
+        state_box[0] = new_state
+        return new_state, metrics
+
+    monkeypatch.setattr(train_mod, "train_epoch", stop_at_11)
+    monkeypatch.setattr(train_mod, "train_step", tracking_step)
+    stopped = train_and_evaluate(SMALL, tmp_path)
+    assert stopped.status == "interrupted" and int(stopped.state.step) == 11
+    monkeypatch.undo()
+    with Checkpoints(tmp_path / "checkpoints") as ckpts:
+        step, meta = ckpts.read_meta("last")
+    assert step == 11 and meta["partial"]["batches_done"] == 3
+    resumed = train_and_evaluate(small(resume=True), tmp_path)
+    assert_same_bits(serialization.to_state_dict(resumed.state),
+                     serialization.to_state_dict(reference.state))
+    assert without_seconds(resumed.history) == without_seconds(reference.history)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    real_step = train_mod.train_step
+
+    def nan_at_step_11(state, batch, criterion):
+        new_state, metrics = real_step(state, batch, criterion)
+        if int(state.step) + 1 == 11:
+            metrics = {**metrics, "loss": np.float32("nan")}
+        return new_state, metrics
+
+    monkeypatch.setattr(train_mod, "train_step", nan_at_step_11)
+    with pytest.raises(NonFiniteLossError, match=r"nan at step 11 \(epoch 2, batch 3 of 8\)"
+                       r".*last good checkpoint \(after epoch 1\)"):
+        train_and_evaluate(SMALL, tmp_path)
+    with Checkpoints(tmp_path / "checkpoints") as ckpts:
+        assert ckpts.read_meta("last")[0] == 8
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (tmp_path / "curves.png").exists()
+
+
+def test_diverging_learning_rate_is_caught(tmp_path: Path):
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ \(epoch 1.*Lower --lr"):
+        train_and_evaluate(small(lr=1e12, epochs=1), tmp_path)
+
+
+def test_existing_run_needs_resume_or_overwrite(copy_of_reference: Path):
+    with pytest.raises(CheckpointError, match=r"--resume.*--overwrite"):
+        train_and_evaluate(SMALL, copy_of_reference)
+    with pytest.raises(CheckpointError, match=r"other settings \(lr: checkpoint 0.01, now 0.02"):
+        train_and_evaluate(small(resume=True, lr=0.02), copy_of_reference)
+
+
+def test_foreign_and_corrupt_checkpoint_dirs(copy_of_reference: Path, tmp_path: Path):
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoints" / "something").mkdir(parents=True)
+    (foreign / "checkpoints" / "model.pkl").write_bytes(b"\x80\x04junk")
+    with pytest.raises(CheckpointError, match="not a jaxnet checkpoint folder"):
+        train_and_evaluate(small(resume=True), foreign)
+    # A real orbax checkpoint without jaxnet's meta is foreign too.
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(tmp_path / "other" / "checkpoints" / "last") as manager:
+        manager.save(1, args=ocp.args.Composite(meta=ocp.args.JsonSave({"x": 1})))
+    with pytest.raises(CheckpointError, match="not a jaxnet training checkpoint"):
+        train_and_evaluate(small(resume=True), tmp_path / "other")
+    # Damaged array data in a jaxnet checkpoint.
+    state_dir = next((copy_of_reference / "checkpoints" / "last").iterdir()) / "state"
+    shutil.rmtree(state_dir)
+    state_dir.mkdir()
+    (state_dir / "garbage").write_text("x")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train_and_evaluate(small(resume=True), copy_of_reference)
+
+
+def test_early_stopping_keeps_best(tmp_path: Path):
+    result = train_and_evaluate(small(epochs=6, early_stopping=1, lr=0.05), tmp_path)
+    epochs = [r["epoch"] for r in result.history]
+    if result.status == "early-stopped":
+        assert epochs[-1] - result.best_epoch == 1 and epochs[-1] < 6
+    else:
+        assert epochs == [1, 2, 3, 4, 5, 6]
+    with Checkpoints(tmp_path / "checkpoints") as ckpts:
+        assert ckpts.read_meta("best")[0] == result.best_epoch
+
+
+def _history(train, val, acc=0.99):
+    return [
+        {"epoch": i + 1, "train_loss": t, "val_loss": v, "train_accuracy": acc,
+         "val_accuracy": acc}
+        for i, (t, v) in enumerate(zip(train, val, strict=True))
+    ]
+
+
+def test_diagnosis():
+    over = diagnose(_history([1, .5, .3, .2, .1, .05, .03, .02, .01],
+                             [1, .6, .4, .3, .25, .2, .22, .26, .3]))
+    assert over.kind == "over-fitting" and over.best_epoch == 6
+    assert over.text.startswith(
+        "val loss rising since epoch 7 while train loss falls: over-fitting; best epoch 6"
+    )
+    under = diagnose(_history([1, .9, .8], [1, .9, .85], acc=0.6))
+    assert under.kind == "under-fitting" and "train accuracy only 60.0%" in under.text
+    still = diagnose(_history([1, .5, .2], [1, .5, .2]))
+    assert still.kind == "under-fitting" and "still falling" in still.text
+    good = diagnose(_history([1, .2, .1, .09], [1, .2, .12, .121]))
+    assert good.kind == "good fit" and good.best_epoch == 3
