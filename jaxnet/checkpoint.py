@@ -78,6 +78,17 @@ class Checkpoints:
         """Whether anything is in the folder (a jaxnet checkpoint or not)."""
         return self.directory.is_dir() and any(self.directory.iterdir())
 
+    def never_completed(self) -> bool:
+        """Only jaxnet's own folders, and no complete ``last`` checkpoint in them: the run was
+        stopped before its first epoch's checkpoint was finished (orbax leaves temporaries)."""
+        if not self.directory.is_dir():
+            return True
+        entries = list(self.directory.iterdir())
+        last = self.directory / "last"
+        return all(p.name in ("last", "best") and p.is_dir() for p in entries) and not (
+            last.is_dir() and any(p.name.isdigit() for p in last.iterdir())
+        )
+
     def _latest(self, name: str) -> int:
         if not self.directory.is_dir():
             raise CheckpointError(

@@ -72,6 +72,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except _errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the training loop's own handler was installed
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     if result.status == "interrupted":
         return 128 + int(signal.Signals[result.signal or "SIGINT"])
     return 0

@@ -10,8 +10,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxnet.convert import _atomic_write
 from jaxnet.model import Net
+from jaxnet.report import _write
 
 __all__ = ["conv_activations", "plot_features"]
 
@@ -71,6 +71,6 @@ def plot_features(
         fig.savefig(tmp, format="png", dpi=80)
 
     try:
-        _atomic_write(Path(path), write)
+        _write(Path(path), write)
     finally:
         plt.close(fig)

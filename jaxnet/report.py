@@ -22,13 +22,14 @@ History = Sequence[Mapping[str, Any]]
 RISE = 0.10
 # Train accuracy below this at the end means the network has not even fitted its training data.
 UNDERFIT_ACCURACY = 0.90
-# Both losses still falling by more than this (relative) over the last epoch: not converged.
-STILL_FALLING = 0.10
+# Train loss down by more than this (relative) over the last two epochs: not converged yet.
+STILL_FALLING = 0.25
 
 
 @dataclass(frozen=True)
 class Diagnosis:
-    """``kind`` is ``"over-fitting"``, ``"under-fitting"``, ``"good fit"`` or ``"too short"``;
+    """``kind``: ``"over-fitting"``, ``"under-fitting"``, ``"still improving"``, ``"good fit"``
+    or ``"too short"``;
     ``best_epoch`` has the lowest validation loss; ``text`` is the sentence to print."""
 
     kind: str
@@ -42,8 +43,10 @@ def diagnose(history: History) -> Diagnosis:
     * over-fitting: the validation loss ended more than 10% above its minimum while the
       training loss kept falling ("val loss rising since epoch 7 while train loss falls:
       over-fitting; best epoch 6");
-    * under-fitting: training accuracy below 90%, or both losses still falling by more than 10%
-      in the last epoch (train longer or raise the learning rate);
+    * under-fitting: training accuracy below 90% at the end (train longer, raise the learning
+      rate);
+    * still improving: the best validation loss is the last one and the training loss fell by
+      more than 25% over the last two epochs (not converged; more epochs may help);
     * otherwise a good fit, at the best epoch.
     """
     if not history:
@@ -66,20 +69,20 @@ def diagnose(history: History) -> Diagnosis:
             f"best epoch {best} (val loss {val[b]:.4f}, val acc {history[b]['val_accuracy']:.1%}). "
             "Keep the best params, stop earlier (--early-stopping) or get more data.",
         )
-    falling = len(val) >= 2 and all(
-        s[-1] < s[-2] * (1 - STILL_FALLING) for s in (train, val)
-    )
-    if float(last["train_accuracy"]) < UNDERFIT_ACCURACY or falling:
-        why = (
-            f"train accuracy only {last['train_accuracy']:.1%}"
-            if float(last["train_accuracy"]) < UNDERFIT_ACCURACY
-            else "train and val loss still falling fast"
-        )
+    if float(last["train_accuracy"]) < UNDERFIT_ACCURACY:
         return Diagnosis(
             "under-fitting",
             best,
-            f"{why} at epoch {epochs[-1]}: under-fitting; train longer (--epochs) or raise "
-            f"--lr; {tail}",
+            f"train accuracy only {last['train_accuracy']:.1%} at epoch {epochs[-1]}: "
+            f"under-fitting; train longer (--epochs) or raise --lr; {tail}",
+        )
+    if len(train) >= 3 and b == len(val) - 1 and train[-1] < train[-3] * (1 - STILL_FALLING):
+        return Diagnosis(
+            "still improving",
+            best,
+            f"val loss lowest at the last epoch and train loss still falling "
+            f"({(train[-1] - train[-3]) / train[-3]:+.0%} over 2 epochs): no over-fitting yet, "
+            f"more epochs may still help; {tail}",
         )
     return Diagnosis("good fit", best, f"val loss flat near its minimum: good fit; {tail}")
 
@@ -91,7 +94,13 @@ def write_metrics(history: History, path: str | os.PathLike) -> None:
     def write(tmp: str) -> None:
         Path(tmp).write_text(text)
 
-    _atomic_write(Path(path), write)
+    _write(Path(path), write)
+
+
+def _write(path: Path, write: Any) -> None:
+    """Atomic write (temp file + rename), readable by others like a file written normally."""
+    _atomic_write(path, write)
+    os.chmod(path, 0o644)
 
 
 def plot_curves(
@@ -115,15 +124,15 @@ def plot_curves(
         ax.grid(alpha=0.3)
         ax.legend()
     ax_loss.set_yscale("log")
-    fig.suptitle(title or "jaxnet train", fontsize=11)
+    fig.suptitle(_wrap(title or "jaxnet train", 110), fontsize=10)
     fig.text(0.5, 0.01, _wrap(diagnosis.text, 120), ha="center", va="bottom", fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.08, 1, 0.93))
 
     def write(tmp: str) -> None:
         fig.savefig(tmp, format="png", dpi=90)
 
     try:
-        _atomic_write(Path(path), write)
+        _write(Path(path), write)
     finally:
         plt.close(fig)
 

@@ -364,10 +364,11 @@ def per_example_grad_norms(
     """
     images, labels = batch
     n = images.shape[0]
+    chunk_size = min(chunk_size, n)
     pad = -n % chunk_size
-    if pad:  # repeat the first examples to fill the last chunk; their norms are dropped below
-        images = jnp.concatenate([images, images[:pad]])
-        labels = jnp.concatenate([labels, labels[:pad]])
+    if pad:  # repeat examples to fill the last chunk; their norms are dropped below
+        fill = jnp.arange(n + pad) % n
+        images, labels = images[fill], labels[fill]
 
     def norm_of_one(x: jax.Array, t: jax.Array) -> jax.Array:
         grads = jax.grad(lambda p: loss_fn(p, state.apply_fn, (x[None], t[None]), criterion)[0])(
@@ -450,6 +451,13 @@ def _catch_stop_signals(flag: _StopFlag) -> Iterator[None]:
             signal.signal(s, h)
 
 
+@functools.partial(jax.jit, static_argnames=("net",))
+def _init_params(net: Net, key: jax.Array) -> Any:
+    """``net.init(key, x)["params"]`` as one compiled function (the same bits as ``Net.init``'s
+    dozens of eagerly compiled ops, in a fraction of the time), cached across runs."""
+    return net.init(key, jnp.zeros((1, 32, 32, 1), jnp.float32))["params"]
+
+
 def _epoch_record(
     state: TrainState,
     ds: data.Dataset,
@@ -511,21 +519,26 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
     criterion = make_criterion(config.loss)
     net = Net(num_classes=ds.num_classes, weight_init=config.weight_init)  # type: ignore[arg-type]
     tx = make_optimizer(config.optimizer, config.lr, config.optimizer_kwargs)
-    # One jitted init instead of Net.init's dozens of eagerly compiled ops (same bits).
-    params = jax.jit(net.init)(jax.random.key(config.seed), jnp.zeros((1, 32, 32, 1)))["params"]
-    state = create_train_state(jax.random.key(config.seed), net, tx, params=params)
     data_meta = {
         "mean": ds.mean, "std": ds.std, "num_train": len(ds.x_train), "num_val": len(ds.x_val),
         "num_classes": ds.num_classes, "description": ds.description,
     }
 
+    key = jax.random.key(config.seed)
+    # The state's structure, without computing it: a resumed run overwrites every leaf.
+    state = jax.eval_shape(lambda: create_train_state(key, net, tx))
+    fresh = True
     ckpts = checkpoint.Checkpoints(workdir / "checkpoints")
     history: list[dict[str, Any]] = []
     next_epoch, partial = 1, None
     best = {"epoch": 0, "val_loss": math.inf}
     status = "finished"
     with ckpts:
-        if config.resume and ckpts.exists():
+        if config.resume and ckpts.exists() and ckpts.never_completed():
+            console.print(f"no complete checkpoint in {workdir} (stopped during its first "
+                          "epoch); starting a new run")
+            ckpts.clear()
+        elif config.resume and ckpts.exists():
             restored, meta = ckpts.restore_last(serialization.to_state_dict(state))
             _check_resumable(meta.get("config", {}), config)
             if meta.get("data") != data_meta:
@@ -534,6 +547,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
                     f"(checkpoint {meta.get('data')}, now {data_meta})."
                 )
             state = serialization.from_state_dict(state, restored)
+            fresh = False
             history = list(meta["history"])
             next_epoch = int(meta["epoch"])
             partial = EpochProgress(**meta["partial"]) if meta.get("partial") else None
@@ -553,6 +567,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
             ckpts.clear()
             for name in ("metrics.jsonl", "curves.png"):
                 (workdir / name).unlink(missing_ok=True)
+        elif config.resume:
+            console.print(f"nothing to resume in {workdir}; starting a new run")
+        if fresh:
+            state = create_train_state(key, net, tx, params=_init_params(net, key))
         workdir.mkdir(parents=True, exist_ok=True)
         console.print(f"data: {ds.description}")
 

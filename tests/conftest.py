@@ -10,8 +10,9 @@ import pytest
 
 from jaxnet.train import TrainConfig, train_and_evaluate
 
-# A few steps on a small subset of the digits: 128 train / 32 val examples, 8 steps per epoch.
-SMALL = TrainConfig(limit=160, batch_size=16, epochs=3, progress=False)
+# A few steps on a small subset of the digits: 128 train / 32 val examples, 8 steps per epoch,
+# and per-example gradient norms of 3 training examples logged every epoch.
+SMALL = TrainConfig(limit=160, batch_size=16, epochs=2, per_example_grad_norms=3, progress=False)
 
 
 @pytest.fixture(scope="session")
