@@ -7,10 +7,12 @@
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
 process killed at any moment leaves the previous checkpoint intact and never a half-written one.
+Saves run in the background while training goes on; ``close()`` waits for them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -55,7 +57,7 @@ class Checkpoints:
         ocp = _orbax()
         if name not in self._managers:
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=1, enable_async_checkpointing=False, create=True,
+                max_to_keep=1, enable_async_checkpointing=True, create=True,
                 cleanup_tmp_directories=True,
             )
             self._managers[name] = ocp.CheckpointManager(self.directory / name, options=options)
@@ -137,14 +139,15 @@ class Checkpoints:
         if step in manager.all_steps():
             # A resumed run re-saving what an interrupted one already wrote (same bits).
             manager.delete(step)
+        # Saved in the background (orbax copies the arrays first); the caller keeps changing
+        # its history, so the meta is frozen into a copy now.
+        frozen = json.loads(json.dumps({"format": FORMAT, **meta}))
         manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(tree),
-                meta=ocp.args.JsonSave({"format": FORMAT, **meta}),
+                state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(frozen)
             ),
         )
-        manager.wait_until_finished()
 
     def save_last(self, step: int, state_dict: Any, meta: dict[str, Any]) -> None:
         """Save the full training state (``flax.serialization.to_state_dict(state)``)."""

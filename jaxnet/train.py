@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import json
 import math
 import os
 import signal
@@ -204,7 +205,8 @@ def make_optimizer(
     if name not in registry:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(registry)}.")
     fn = registry[name]
-    kwargs = dict(DEFAULT_OPTIMIZER_KWARGS.get(name, {}) if kwargs is None else kwargs)
+    # The given hyperparameters override the defaults one by one (--momentum 0 turns it off).
+    kwargs = {**DEFAULT_OPTIMIZER_KWARGS.get(name, {}), **(kwargs or {})}
     accepted = [p for p in inspect.signature(fn).parameters if p != "lr"]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
@@ -409,7 +411,7 @@ def config_to_json(config: TrainConfig) -> dict[str, Any]:
 
 
 def _check_resumable(saved: Mapping[str, Any], config: TrainConfig) -> None:
-    now = config_to_json(config)
+    now = json.loads(json.dumps(config_to_json(config)))  # as it reads back (tuples -> lists)
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
         for k in now
@@ -531,7 +533,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
     ckpts = checkpoint.Checkpoints(workdir / "checkpoints")
     history: list[dict[str, Any]] = []
     next_epoch, partial = 1, None
-    best = {"epoch": 0, "val_loss": math.inf}
+    best: dict[str, Any] = {"epoch": 0, "val_loss": None}
+    last_saved: int | None = None  # the step of the newest complete checkpoint
     status = "finished"
     with ckpts:
         if config.resume and ckpts.exists() and ckpts.never_completed():
@@ -548,6 +551,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
                 )
             state = serialization.from_state_dict(state, restored)
             fresh = False
+            last_saved = int(state.step)
             history = list(meta["history"])
             next_epoch = int(meta["epoch"])
             partial = EpochProgress(**meta["partial"]) if meta.get("partial") else None
@@ -615,9 +619,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
                         )
                     except NonFiniteLossError as e:
                         kept = (
-                            f"the last good checkpoint (after epoch {history[-1]['epoch']}) is "
-                            f"kept in {ckpts.directory}"
-                            if history
+                            f"the last good checkpoint (step {last_saved}) is kept in "
+                            f"{ckpts.directory}"
+                            if last_saved is not None
                             else "no epoch had finished, so no checkpoint was written"
                         )
                         raise NonFiniteLossError(
@@ -627,11 +631,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
                     if not done:  # SIGINT/SIGTERM mid-epoch: save where we are, and return
                         ckpts.save_last(int(state.step), serialization.to_state_dict(state),
                                         meta_for(epoch, progress, "running"))
+                        last_saved = int(state.step)
                         status = "interrupted"
                         break
                     record = _epoch_record(state, ds, config, criterion, epoch, progress, probe)
                     history.append(record)
-                    if record["val_loss"] < best["val_loss"]:
+                    if best["val_loss"] is None or record["val_loss"] < best["val_loss"]:
                         best = {"epoch": epoch, "val_loss": record["val_loss"]}
                         ckpts.save_best(epoch, state.params, meta_for(epoch + 1, None, "running"))
                     stopped_early = (
@@ -643,6 +648,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
                     )
                     ckpts.save_last(int(state.step), serialization.to_state_dict(state),
                                     meta_for(epoch + 1, None, run_status))
+                    last_saved = int(state.step)
                     report.write_metrics(history, workdir / "metrics.jsonl")
                     bar.console.print(_epoch_line(record))
                     if stopped_early:

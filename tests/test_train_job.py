@@ -198,7 +198,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
 
     monkeypatch.setattr(train_mod, "train_step", nan_at_step_11)
     with pytest.raises(NonFiniteLossError, match=r"nan at step 11 \(epoch 2, batch 3 of 8\)"
-                       r".*last good checkpoint \(after epoch 1\)"):
+                       r".*last good checkpoint \(step 8\)"):
         train_and_evaluate(SMALL, tmp_path)
     with Checkpoints(tmp_path / "checkpoints") as ckpts:
         assert ckpts.read_meta("last")[0] == 8
