@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01)
     p.set_defaults(func=_cmd_tutorial)
 
-    from jaxnet.train import CRITERIA, OPTIMIZER_NAMES, TrainConfig
+    from jaxnet.train import CRITERIA, TrainConfig, optimizer_registry
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train Net on real data (default: the digits, even vs odd)")
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--loss", default=d.loss, choices=sorted(CRITERIA))
-    p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZER_NAMES)
+    p.add_argument("--optimizer", default=d.optimizer, choices=sorted(optimizer_registry()))
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--momentum", type=float, default=None, help="default 0.9 for sgd")
     p.add_argument("--weight-decay", type=float, default=None)

@@ -108,7 +108,7 @@ def _check_images(x: np.ndarray, where: str) -> np.ndarray:
         nhwc, _ = to_nhwc_images(x)
     except ValueError as e:
         raise DataError(f"{where}: {e}") from None
-    if np.issubdtype(nhwc.dtype, np.integer) or nhwc.dtype == np.bool_:
+    if np.issubdtype(nhwc.dtype, np.integer):
         scale = 255.0 if nhwc.dtype == np.uint8 else 1.0
         return nhwc.astype(np.float32) / np.float32(scale)
     nhwc = nhwc.astype(np.float32)
