@@ -376,7 +376,7 @@ def per_example_grad_norms(
         grads = jax.grad(lambda p: loss_fn(p, state.apply_fn, (x[None], t[None]), criterion)[0])(
             state.params
         )
-        return optax.global_norm(grads)
+        return optax.tree.norm(grads)
 
     chunks = (
         images.reshape(-1, chunk_size, *images.shape[1:]),
