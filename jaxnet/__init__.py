@@ -3,7 +3,7 @@
 ``jaxnet.torch_reference`` (the PyTorch original) is imported only on request and needs torch.
 """
 
-from jaxnet import losses, optim
+from jaxnet import data, losses, optim
 from jaxnet.convert import (
     WeightFileError,
     check_nhwc_images,
@@ -13,17 +13,31 @@ from jaxnet.convert import (
     params_to_torch,
 )
 from jaxnet.model import Net, summary
-from jaxnet.train import TrainState, create_train_state, eval_step, loss_fn, train_step
+from jaxnet.train import (
+    TrainConfig,
+    TrainState,
+    create_train_state,
+    eval_step,
+    evaluate,
+    loss_fn,
+    per_example_grad_norms,
+    train_and_evaluate,
+    train_epoch,
+    train_step,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Net",
+    "TrainConfig",
     "TrainState",
     "WeightFileError",
     "check_nhwc_images",
     "create_train_state",
+    "data",
     "eval_step",
+    "evaluate",
     "loss_fn",
     "losses",
     "nchw_to_nhwc",
@@ -31,6 +45,9 @@ __all__ = [
     "optim",
     "params_from_torch",
     "params_to_torch",
+    "per_example_grad_norms",
     "summary",
+    "train_and_evaluate",
+    "train_epoch",
     "train_step",
 ]

@@ -31,6 +31,118 @@ def _cmd_tutorial(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_value(text: str) -> tuple[str, object]:
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.replace("-", "_"), value
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from jaxnet.checkpoint import CheckpointError
+    from jaxnet.convert import WeightFileError
+    from jaxnet.train import NonFiniteLossError
+
+    return (ValueError, CheckpointError, WeightFileError, NonFiniteLossError, FileNotFoundError)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import signal
+
+    from jaxnet.train import TrainConfig, train_and_evaluate
+
+    kwargs = dict(args.opt or [])
+    for name in ("momentum", "weight_decay", "nesterov"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    config = TrainConfig(
+        data=args.data,
+        num_classes=args.num_classes,
+        label_rule=args.label_rule,
+        limit=args.limit,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        loss=args.loss,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        optimizer_kwargs=kwargs or None,
+        seed=args.seed,
+        early_stopping=args.early_stopping,
+        per_example_grad_norms=args.per_example_grad_norms,
+        progress=not args.no_progress,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    try:
+        result = train_and_evaluate(config, args.workdir)
+    except _errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the training loop's own handler was installed
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
+    if result.status == "interrupted":
+        return 128 + int(signal.Signals[result.signal or "SIGINT"])
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from jaxnet.convert import params_to_torch
+    from jaxnet.train import load_params
+
+    try:
+        params, _, meta = load_params(args.workdir, args.which)
+        params_to_torch(params, args.out, as_numpy=True)
+    except _errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    d = meta.get("data") or {}
+    norm = f"; inputs are (x - {d['mean']:.6f}) / {d['std']:.6f}" if d else ""
+    print(f"wrote {args.out} ({args.which} params, PyTorch state_dict of TorchNet){norm}")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from jaxnet.train import TrainConfig, import_params
+
+    try:
+        import_params(args.weights, args.workdir, TrainConfig(data=args.data), args.overwrite)
+    except _errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"imported {args.weights} into {args.workdir}/checkpoints/best")
+    return 0
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jaxnet.data import load_data
+    from jaxnet.features import conv_activations, plot_features
+    from jaxnet.train import load_params
+
+    try:
+        params, c, _ = load_params(args.workdir, args.which)
+        ds = load_data(c.data, c.num_classes, c.label_rule, c.val_fraction, c.split_seed, c.limit)
+        x, y = (ds.x_val, ds.y_val) if args.split == "val" else (ds.x_train, ds.y_train)
+        if not 0 <= args.index < len(x):
+            raise ValueError(f"--index must lie in [0, {len(x)}) for the {args.split} split.")
+        acts = conv_activations(params, x[args.index : args.index + 1])
+        out = Path(args.out or Path(args.workdir) / "features.png")
+        title = f"{args.split} example {args.index} (class {int(y[args.index])}): conv + ReLU"
+        plot_features(x[args.index], {k: v[0] for k, v in acts.items()}, out, title)
+    except _errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxnet", description="The PyTorch tutorial's Net in functional JAX/Flax."
@@ -45,6 +157,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=0.01)
     p.set_defaults(func=_cmd_tutorial)
+
+    from jaxnet.train import CRITERIA, TrainConfig, optimizer_registry
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train Net on real data (default: the digits, even vs odd)")
+    p.add_argument("--workdir", default="runs/default", help="metrics, curves, checkpoints")
+    p.add_argument("--data", default=d.data, help="'digits', a .npz (x, y) or an MNIST folder")
+    p.add_argument("--num-classes", type=int, default=d.num_classes)
+    p.add_argument(
+        "--label-rule",
+        default=d.label_rule,
+        choices=["parity", "low-high"],
+        help="2-class rule for digit data: even/odd or 0-4/5-9",
+    )
+    p.add_argument("--limit", type=int, default=None, help="use only this many examples")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--loss", default=d.loss, choices=sorted(CRITERIA))
+    p.add_argument("--optimizer", default=d.optimizer, choices=sorted(optimizer_registry()))
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=None, help="default 0.9 for sgd")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--nesterov", action="store_true", default=None)
+    p.add_argument(
+        "--opt",
+        type=_key_value,
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other hyperparameter of the optimizer, e.g. --opt dampening=0.1",
+    )
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--early-stopping",
+        type=int,
+        default=None,
+        metavar="PATIENCE",
+        help="stop when val loss has not improved for this many epochs",
+    )
+    p.add_argument(
+        "--per-example-grad-norms",
+        type=int,
+        nargs="?",
+        const=64,
+        default=0,
+        metavar="N",
+        help="log per-example gradient norms of N train examples",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir")
+    p.add_argument("--overwrite", action="store_true", help="discard the run in --workdir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="write trained params as a PyTorch state_dict")
+    p.add_argument("out", help="a .pt or .safetensors file")
+    p.add_argument("--workdir", default="runs/default")
+    p.add_argument("--which", choices=["best", "last"], default="best")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import", help="read a PyTorch state_dict into a workdir")
+    p.add_argument("weights", help="a .pt or .safetensors file of the tutorial's Net")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--data", default=d.data, help="the data the weights belong to")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("features", help="draw conv1/conv2 activations for one input as a PNG")
+    p.add_argument("--workdir", default="runs/default")
+    p.add_argument("--which", choices=["best", "last"], default="best")
+    p.add_argument("--split", choices=["val", "train"], default="val")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--out", default=None, help="default: <workdir>/features.png")
+    p.set_defaults(func=_cmd_features)
     return parser
 
 

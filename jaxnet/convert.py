@@ -33,6 +33,7 @@ __all__ = [
     "nchw_to_nhwc",
     "nhwc_to_nchw",
     "params_from_torch",
+    "to_nhwc_images",
     "params_to_torch",
     "torch_state_dict_shapes",
 ]
@@ -99,6 +100,28 @@ def check_nhwc_images(x: Any) -> None:
             f"Net expects floating-point images, got dtype {dtype}. Convert first, e.g. "
             "x.astype(jnp.float32) / 255.0 for uint8 pixels."
         )
+
+
+def to_nhwc_images(x: np.ndarray) -> tuple[np.ndarray, str]:
+    """A stack of one-channel 32x32 images as NHWC ``(N, 32, 32, 1)``, and the layout it had.
+
+    Accepts ``(N, 32, 32)`` (``"NHW"``), ``(N, 32, 32, 1)`` (``"NHWC"``) and PyTorch's
+    ``(N, 1, 32, 32)`` (``"NCHW"``); the three cannot be confused since 32 != 1. Raises
+    ``ValueError`` naming the accepted shapes for anything else.
+    """
+    s, c = IMAGE_SIZE, IN_CHANNELS
+    shape = tuple(x.shape)
+    if len(shape) == 3 and shape[1:] == (s, s):
+        return x[..., None], "NHW"
+    if len(shape) == 4 and shape[1:] == (s, s, c):
+        return x, "NHWC"
+    if len(shape) == 4 and shape[1:] == (c, s, s):
+        return nchw_to_nhwc(x), "NCHW"
+    raise ValueError(
+        f"images of shape {shape} are not one-channel 32x32 images; expected (N, 32, 32), "
+        "(N, 32, 32, 1) (NHWC) or (N, 1, 32, 32) (NCHW). Resize or pad them to 32x32 first "
+        "(28x28 MNIST digits: pad 2 pixels on each side)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------

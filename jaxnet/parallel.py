@@ -199,8 +199,10 @@ def assemble_batch(local_batch: Batch, mesh: Mesh) -> Batch:
     local_size = _check_batch(local_batch)
     n_local = len(mesh.local_devices)
     if n_local == 0:
-        raise ValueError(f"process {jax.process_index()} has no devices in the mesh; build the "
-                         "mesh over devices of every process (make_mesh() uses all of them).")
+        raise ValueError(
+            f"process {jax.process_index()} has no devices in the mesh; build the "
+            "mesh over devices of every process (make_mesh() uses all of them)."
+        )
     global_size = local_size * mesh.devices.size // n_local
     check_batch_size(global_size, mesh)
     sharding = batch_sharding(mesh)
@@ -246,8 +248,10 @@ def _from_env(value: Any, name: str, convert: type = str) -> Any:
     try:
         return convert(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not a valid {convert.__name__}; "
-                         f"set it to e.g. {name}=0.") from None
+        raise ValueError(
+            f"environment variable {name}={raw!r} is not a valid {convert.__name__}; "
+            f"set it to e.g. {name}=0."
+        ) from None
 
 
 def initialize_distributed(
@@ -380,8 +384,10 @@ def train_data_parallel(
 def write_params_npz(path: str | os.PathLike, params: Any) -> None:
     """``params`` as an ``.npz`` keyed by pytree path (``"['conv1']['kernel']"``), written to a
     temporary file and renamed, so no half-written file is left."""
-    flat = {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {
+        jax.tree_util.keystr(k): np.asarray(v)
+        for k, v in jax.tree_util.tree_leaves_with_path(params)
+    }
     tmp = f"{os.fspath(path)}.tmp.npz"
     np.savez(tmp, **flat)
     os.replace(tmp, path)
@@ -424,8 +430,10 @@ def _checkpoint_roundtrip(directory: str, state: TrainState, mesh: Mesh) -> bool
         manager.wait_until_finished()
     with ocp.CheckpointManager(path) as manager:
         back = manager.restore(step, args=ocp.args.StandardRestore(abstract_like(state, mesh)))
-    replicated = all(x.sharding.is_equivalent_to(replicated_sharding(mesh), np.ndim(x))
-                     for x in jax.tree.leaves(back))
+    replicated = all(
+        x.sharding.is_equivalent_to(replicated_sharding(mesh), np.ndim(x))
+        for x in jax.tree.leaves(back)
+    )
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), to_host(back), to_host(state))
     return replicated and all(jax.tree.leaves(same))
 
@@ -440,22 +448,43 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--global-batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--num-devices", type=int, default=None,
-                   help="use only the first N devices (default: all)")
-    p.add_argument("--coordinator-address", default=None,
-                   help=f"host:port of process 0 (default: ${COORDINATOR_ADDRESS_ENV})")
-    p.add_argument("--num-processes", type=int, default=None,
-                   help=f"number of processes (default: ${NUM_PROCESSES_ENV})")
-    p.add_argument("--process-id", type=int, default=None,
-                   help=f"this process' index (default: ${PROCESS_ID_ENV})")
-    p.add_argument("--init-params", default=None,
-                   help="start from the params in this .npz (as --save-params writes them) "
-                   "instead of Net's init from --seed")
-    p.add_argument("--save-params", default=None,
-                   help="write the final params to this .npz (primary process only)")
-    p.add_argument("--checkpoint-dir", default=None,
-                   help="save the final TrainState there with orbax (every process takes part), "
-                   "restore it replicated over the mesh, and report whether it came back equal")
+    p.add_argument(
+        "--num-devices", type=int, default=None, help="use only the first N devices (default: all)"
+    )
+    p.add_argument(
+        "--coordinator-address",
+        default=None,
+        help=f"host:port of process 0 (default: ${COORDINATOR_ADDRESS_ENV})",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help=f"number of processes (default: ${NUM_PROCESSES_ENV})",
+    )
+    p.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        help=f"this process' index (default: ${PROCESS_ID_ENV})",
+    )
+    p.add_argument(
+        "--init-params",
+        default=None,
+        help="start from the params in this .npz (as --save-params writes them) "
+        "instead of Net's init from --seed",
+    )
+    p.add_argument(
+        "--save-params",
+        default=None,
+        help="write the final params to this .npz (primary process only)",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="save the final TrainState there with orbax (every process takes part), "
+        "restore it replicated over the mesh, and report whether it came back equal",
+    )
     return p.parse_args(argv)
 
 
@@ -478,14 +507,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     params = to_host(state.params)
     report = {
-        "mesh": describe_mesh(mesh), "devices": mesh.devices.size,
-        "processes": jax.process_count(), "steps": args.steps,
-        "global_batch_size": args.global_batch_size, "losses": history,
+        "mesh": describe_mesh(mesh),
+        "devices": mesh.devices.size,
+        "processes": jax.process_count(),
+        "steps": args.steps,
+        "global_batch_size": args.global_batch_size,
+        "losses": history,
         "seconds_incl_compile": seconds,
     }
     if args.checkpoint_dir:
         report["checkpoint_restored_equal"] = _checkpoint_roundtrip(
-            args.checkpoint_dir, state, mesh)
+            args.checkpoint_dir, state, mesh
+        )
     if is_primary():
         if args.save_params:
             write_params_npz(args.save_params, params)

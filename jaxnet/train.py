@@ -2,25 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
-from collections.abc import Callable
+import inspect
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import serialization
 from flax.training import train_state
+from rich.console import Console
 
-from jaxnet import losses
+from jaxnet import checkpoint, data, losses
+from jaxnet.checkpoint import CheckpointError
 from jaxnet.model import Net
 
 __all__ = [
+    "CRITERIA",
     "Batch",
     "Criterion",
+    "EpochProgress",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainResult",
     "TrainState",
     "create_train_state",
     "eval_step",
+    "evaluate",
     "loss_fn",
+    "make_criterion",
+    "make_optimizer",
+    "optimizer_registry",
+    "per_example_grad_norms",
+    "train_and_evaluate",
+    "train_epoch",
     "train_step",
 ]
 
@@ -128,3 +154,665 @@ def eval_step(
     loss, logits = loss_fn(state.params, state.apply_fn, batch, criterion)
     _guard_labels(targets, logits.shape[-1])
     return _metrics(loss, logits, targets)
+
+
+# =============================================================================================
+# The training job: train_epoch, evaluate, train_and_evaluate (Flax examples' structure)
+# =============================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a ``jaxnet train`` run (``jaxnet train --help`` names each).
+
+    The defaults are the README's default run: the digits, even vs odd, 8 epochs of
+    ``SGD(lr=0.01, momentum=0.9)`` with batches of 32.
+    """
+
+    data: str = "digits"
+    num_classes: int = 2
+    label_rule: str = "parity"
+    limit: int | None = None
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    epochs: int = 8
+    batch_size: int = 32
+    eval_batch_size: int = 512
+    loss: str = "cross_entropy"
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    optimizer_kwargs: Mapping[str, Any] | None = None
+    seed: int = 0
+    weight_init: str = "torch"
+    early_stopping: int | None = None
+    per_example_grad_norms: int = 0
+    progress: bool = True
+    resume: bool = False
+    overwrite: bool = False
+
+
+# Hyperparameters each optimizer gets unless the config names its own (torch's defaults otherwise).
+DEFAULT_OPTIMIZER_KWARGS: Mapping[str, Mapping[str, Any]] = {"sgd": {"momentum": 0.9}}
+
+# The config fields a resumed run may change; every other one must equal the checkpoint's.
+_RESUMABLE_CHANGES = frozenset(
+    {"epochs", "early_stopping", "progress", "resume", "overwrite", "eval_batch_size"}
+)
+
+# Optimizer names ``jaxnet train --optimizer`` accepts, each the ``jaxnet.optim`` function of the
+# same name; the names jaxnet.optim does not define (yet) are left out.
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+
+
+def optimizer_registry() -> dict[str, Callable[..., optax.GradientTransformation]]:
+    """``{name: constructor}`` of the torch.optim-like optimizers ``jaxnet.optim`` defines."""
+    from jaxnet import optim
+
+    return {n: getattr(optim, n) for n in OPTIMIZER_NAMES if callable(getattr(optim, n, None))}
+
+
+def make_optimizer(
+    name: str, lr: float, kwargs: Mapping[str, Any] | None = None
+) -> optax.GradientTransformation:
+    """``jaxnet.optim.<name>(lr=lr, **kwargs)``, refusing unknown names and hyperparameters."""
+    registry = optimizer_registry()
+    if name not in registry:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(registry)}.")
+    fn = registry[name]
+    # The given hyperparameters override the defaults one by one (--momentum 0 turns it off).
+    kwargs = {**DEFAULT_OPTIMIZER_KWARGS.get(name, {}), **(kwargs or {})}
+    accepted = [p for p in inspect.signature(fn).parameters if p != "lr"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"optimizer {name!r} takes no {', '.join(unknown)}; its hyperparameters are "
+            f"{', '.join(accepted)}."
+        )
+    return fn(lr=lr, **kwargs)
+
+
+def _one_hot_like(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+
+
+def mse_on_labels(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """``F.mse_loss(logits, one_hot(labels))``: the tutorial's regression losses on classes."""
+    return losses.mse_loss(logits, _one_hot_like(logits, labels))
+
+
+def l1_on_labels(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """``F.l1_loss(logits, one_hot(labels))``."""
+    return losses.l1_loss(logits, _one_hot_like(logits, labels))
+
+
+def kl_div_on_labels(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """``F.kl_div(log_softmax(logits), one_hot(labels), reduction="batchmean")``."""
+    return losses.kl_div(
+        jax.nn.log_softmax(logits), _one_hot_like(logits, labels), reduction="batchmean"
+    )
+
+
+# Criteria on integer labels (so train_step reports accuracy and checks the label range). Module
+# level functions: train_step's criterion is static, and the same object must come every step.
+CRITERIA: Mapping[str, Criterion] = {
+    "cross_entropy": losses.cross_entropy,
+    "mse": mse_on_labels,
+    "l1": l1_on_labels,
+    "kl_div": kl_div_on_labels,
+}
+
+
+def make_criterion(name: str) -> Criterion:
+    if name not in CRITERIA:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(CRITERIA)}.")
+    return CRITERIA[name]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a NaN or infinite loss; the message names the step and the last checkpoint."""
+
+
+@dataclasses.dataclass
+class EpochProgress:
+    """Running sums of one epoch, enough to resume it mid-way with identical metrics."""
+
+    batches_done: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+    seconds: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.count, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.count, 1)
+
+
+def train_epoch(
+    state: TrainState,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    criterion: Criterion = losses.cross_entropy,
+    progress: EpochProgress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[EpochProgress, float], None] | None = None,
+) -> tuple[TrainState, EpochProgress, bool]:
+    """One pass over the shuffled training data ``x (N, 32, 32, 1)``, ``y (N,)``.
+
+    The batches are ``jaxnet.data.batches(x, y, batch_size, seed=seed, epoch=epoch)``;
+    ``progress`` (from an interrupted run) skips the batches already done and continues its sums.
+    ``should_stop`` is polled after every step. ``on_step(progress, loss)`` is called after each.
+
+    Returns ``(state, progress, finished)``; ``finished`` is False when stopped early.
+
+    Raises:
+      NonFiniteLossError: naming the step, when a loss is NaN or infinite (``state`` then stays
+        as it was before that step, inside the caller).
+    """
+    progress = dataclasses.replace(progress) if progress is not None else EpochProgress()
+    steps = data.num_batches(len(x), batch_size)
+    start = time.perf_counter() - progress.seconds
+    for images, labels in data.batches(
+        x, y, batch_size, seed=seed, epoch=epoch, start=progress.batches_done
+    ):
+        new_state, metrics = train_step(state, (images, labels), criterion)
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the loss is {loss} at step {int(state.step) + 1} (epoch {epoch}, batch "
+                f"{progress.batches_done + 1} of {steps}); training stopped"
+            )
+        state = new_state
+        n = len(labels)
+        progress.batches_done += 1
+        progress.loss_sum += loss * n
+        progress.correct += round(float(metrics.get("accuracy", 0.0)) * n)
+        progress.count += n
+        progress.seconds = time.perf_counter() - start
+        if on_step is not None:
+            on_step(progress, loss)
+        if should_stop is not None and should_stop() and progress.batches_done < steps:
+            return state, progress, False
+    return state, progress, True
+
+
+def evaluate(
+    state: TrainState,
+    x: np.ndarray,
+    y: np.ndarray,
+    criterion: Criterion = losses.cross_entropy,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """``{"loss", "accuracy"}`` of ``state.params`` on all of ``x``, ``y`` (no update).
+
+    Evaluated in batches of ``batch_size``; the batch means are weighted by the batch sizes,
+    which gives the mean over all examples for the mean-reduced losses.
+    """
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        images, labels = x[i : i + batch_size], y[i : i + batch_size]
+        m = eval_step(state, (images, labels), criterion)
+        loss_sum += float(m["loss"]) * len(labels)
+        correct += round(float(m.get("accuracy", 0.0)) * len(labels))
+    n = max(len(x), 1)
+    return {"loss": loss_sum / n, "accuracy": correct / n}
+
+
+@functools.partial(jax.jit, static_argnames=("criterion", "chunk_size"))
+def per_example_grad_norms(
+    state: TrainState,
+    batch: Batch,
+    criterion: Criterion = losses.cross_entropy,
+    chunk_size: int = 8,
+) -> jax.Array:
+    """The L2 norm of each example's own gradient, ``(N,)``, via ``jax.vmap`` of ``jax.grad``.
+
+    PyTorch's autograd sums the gradient over the batch; here the per-example gradient is one
+    ``vmap`` away. To bound memory (each example's gradient is the size of the params),
+    ``chunk_size`` examples are vmapped at a time under ``lax.map``.
+    """
+    images, labels = batch
+    n = images.shape[0]
+    chunk_size = min(chunk_size, n)
+    pad = -n % chunk_size
+    if pad:  # repeat examples to fill the last chunk; their norms are dropped below
+        fill = jnp.arange(n + pad) % n
+        images, labels = images[fill], labels[fill]
+
+    def norm_of_one(x: jax.Array, t: jax.Array) -> jax.Array:
+        grads = jax.grad(lambda p: loss_fn(p, state.apply_fn, (x[None], t[None]), criterion)[0])(
+            state.params
+        )
+        return optax.tree.norm(grads)
+
+    chunks = (
+        images.reshape(-1, chunk_size, *images.shape[1:]),
+        labels.reshape(-1, chunk_size, *labels.shape[1:]),
+    )
+    norms = jax.lax.map(lambda c: jax.vmap(norm_of_one)(*c), chunks)
+    return norms.reshape(-1)[:n]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What ``train_and_evaluate`` ends with.
+
+    ``status``: ``"finished"``, ``"early-stopped"`` or ``"interrupted"`` (by SIGINT/SIGTERM,
+    checkpoint saved; continue with ``resume=True``). ``history``: the ``metrics.jsonl`` records.
+    """
+
+    state: TrainState
+    status: str
+    history: list[dict[str, Any]]
+    diagnosis: Any
+    best_epoch: int
+    signal: str | None = None
+
+
+def config_to_json(config: TrainConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(config)
+    d["optimizer_kwargs"] = (
+        None if config.optimizer_kwargs is None else dict(config.optimizer_kwargs)
+    )
+    return d
+
+
+def _check_resumable(saved: Mapping[str, Any], config: TrainConfig) -> None:
+    now = json.loads(json.dumps(config_to_json(config)))  # as it reads back (tuples -> lists)
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
+        for k in now
+        if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]
+    ]
+    if diffs:
+        raise CheckpointError(
+            "cannot resume: the run in the workdir was made with other settings ("
+            + "; ".join(diffs)
+            + "). Use the same settings to resume (only --epochs and --early-stopping may "
+            "change), or a new --workdir."
+        )
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM: the run finishes its current step, saves and returns."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def handler(self, signum: int, frame: Any) -> None:
+        del frame
+        self.signal = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _catch_stop_signals(flag: _StopFlag) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = {s: signal.signal(s, flag.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@functools.partial(jax.jit, static_argnames=("net",))
+def _init_params(net: Net, key: jax.Array) -> Any:
+    """``net.init(key, x)["params"]`` as one compiled function (the same bits as ``Net.init``'s
+    dozens of eagerly compiled ops, in a fraction of the time), cached across runs."""
+    return net.init(key, jnp.zeros((1, 32, 32, 1), jnp.float32))["params"]
+
+
+def _epoch_record(
+    state: TrainState,
+    ds: data.Dataset,
+    config: TrainConfig,
+    criterion: Criterion,
+    epoch: int,
+    progress: EpochProgress,
+    probe: Batch | None,
+) -> dict[str, Any]:
+    """The ``metrics.jsonl`` record of a finished epoch: train sums, validation, grad norms."""
+    t0 = time.perf_counter()
+    val = evaluate(state, ds.x_val, ds.y_val, criterion, config.eval_batch_size)
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "step": int(state.step),
+        "train_loss": progress.loss,
+        "train_accuracy": progress.accuracy,
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+    }
+    if probe is not None:
+        norms = np.asarray(per_example_grad_norms(state, probe, criterion))
+        record.update(
+            grad_norm_mean=float(norms.mean()),
+            grad_norm_median=float(np.median(norms)),
+            grad_norm_max=float(norms.max()),
+        )
+    record["seconds"] = progress.seconds + time.perf_counter() - t0
+    return record
+
+
+def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> TrainResult:
+    """Train ``Net`` on ``config.data``, evaluating after every epoch; write ``workdir``.
+
+    Writes ``metrics.jsonl`` (one record per epoch: ``epoch``, ``step``, ``train_loss``,
+    ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``seconds``), ``curves.png`` and
+    ``checkpoints/`` (``last``: full state every epoch; ``best``: params with the lowest
+    validation loss). ``config.resume`` continues the run in ``workdir`` exactly: a run killed
+    at any point and resumed ends with the same params, bit for bit (on CPU), as one never
+    stopped. SIGINT/SIGTERM save a mid-epoch checkpoint and return ``status="interrupted"``.
+
+    Raises:
+      jaxnet.data.DataError: unusable data (before anything is written).
+      CheckpointError: a foreign, corrupt or incompatible checkpoint folder; or checkpoints in
+        ``workdir`` while neither ``resume`` nor ``overwrite`` is set.
+      NonFiniteLossError: a NaN/inf loss; the last good checkpoint stays as it was.
+    """
+    from jaxnet import report
+
+    workdir = Path(workdir)
+    console = Console(highlight=False)
+    ds = data.load_data(
+        config.data,
+        config.num_classes,
+        config.label_rule,
+        config.val_fraction,
+        config.split_seed,
+        config.limit,
+    )
+    steps_per_epoch = data.num_batches(len(ds.x_train), config.batch_size)
+    if config.epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {config.epochs}.")
+    criterion = make_criterion(config.loss)
+    net = Net(num_classes=ds.num_classes, weight_init=config.weight_init)  # type: ignore[arg-type]
+    tx = make_optimizer(config.optimizer, config.lr, config.optimizer_kwargs)
+    data_meta = {
+        "mean": ds.mean,
+        "std": ds.std,
+        "num_train": len(ds.x_train),
+        "num_val": len(ds.x_val),
+        "num_classes": ds.num_classes,
+        "description": ds.description,
+    }
+
+    key = jax.random.key(config.seed)
+    # The state's structure, without computing it: a resumed run overwrites every leaf.
+    state = jax.eval_shape(lambda: create_train_state(key, net, tx))
+    fresh = True
+    ckpts = checkpoint.Checkpoints(workdir / "checkpoints")
+    history: list[dict[str, Any]] = []
+    next_epoch, partial = 1, None
+    best: dict[str, Any] = {"epoch": 0, "val_loss": None}
+    last_saved: int | None = None  # the step of the newest complete checkpoint
+    status = "finished"
+    with ckpts:
+        if config.resume and ckpts.exists() and ckpts.never_completed():
+            console.print(
+                f"no complete checkpoint in {workdir} (stopped during its first "
+                "epoch); starting a new run"
+            )
+            ckpts.clear()
+        elif config.resume and ckpts.exists():
+            restored, meta = ckpts.restore_last(serialization.to_state_dict(state))
+            _check_resumable(meta.get("config", {}), config)
+            if meta.get("data") != data_meta:
+                raise CheckpointError(
+                    "cannot resume: the data differs from the run's in the workdir "
+                    f"(checkpoint {meta.get('data')}, now {data_meta})."
+                )
+            state = serialization.from_state_dict(state, restored)
+            fresh = False
+            last_saved = int(state.step)
+            history = list(meta["history"])
+            next_epoch = int(meta["epoch"])
+            partial = EpochProgress(**meta["partial"]) if meta.get("partial") else None
+            best = dict(meta["best"])
+            status = meta.get("status", "running")
+            console.print(
+                f"resuming {workdir} at epoch {next_epoch}"
+                + (f", batch {partial.batches_done + 1}" if partial else "")
+                + f" (step {int(state.step)})"
+            )
+        elif ckpts.exists():
+            if not config.overwrite:
+                raise CheckpointError(
+                    f"{ckpts.directory} already holds checkpoints; pass --resume to continue "
+                    "that run, --overwrite to start afresh, or choose another --workdir."
+                )
+            ckpts.clear()
+            for name in ("metrics.jsonl", "curves.png"):
+                (workdir / name).unlink(missing_ok=True)
+        elif config.resume:
+            console.print(f"nothing to resume in {workdir}; starting a new run")
+        if fresh:
+            state = create_train_state(key, net, tx, params=_init_params(net, key))
+        workdir.mkdir(parents=True, exist_ok=True)
+        console.print(f"data: {ds.description}")
+
+        def meta_for(epoch: int, progress: EpochProgress | None, run_status: str) -> dict:
+            return {
+                "config": config_to_json(config),
+                "data": data_meta,
+                "epoch": epoch,
+                "partial": dataclasses.asdict(progress) if progress else None,
+                "history": history,
+                "best": best,
+                "status": run_status,
+            }
+
+        flag = _StopFlag()
+        probe = None
+        if config.per_example_grad_norms:
+            n_probe = min(config.per_example_grad_norms, len(ds.x_train))
+            probe = (ds.x_train[:n_probe], ds.y_train[:n_probe])
+        stopped_early = status == "early-stopped"
+        status = "running"
+        epoch = next_epoch
+        bar = _progress_bar(config)
+        try:
+            with _catch_stop_signals(flag), bar:
+                while epoch <= config.epochs and not stopped_early and not flag():
+                    task = bar.add_task(
+                        "",
+                        total=steps_per_epoch,
+                        epoch=epoch,
+                        epochs=config.epochs,
+                        loss=float("nan"),
+                        sps=0.0,
+                        completed=partial.batches_done if partial else 0,
+                    )
+
+                    def on_step(p: EpochProgress, loss: float, task: Any = task) -> None:
+                        bar.update(
+                            task,
+                            completed=p.batches_done,
+                            loss=p.loss,
+                            sps=p.count / max(p.seconds, 1e-9),
+                        )
+
+                    try:
+                        state, progress, done = train_epoch(
+                            state,
+                            ds.x_train,
+                            ds.y_train,
+                            batch_size=config.batch_size,
+                            seed=config.seed,
+                            epoch=epoch,
+                            criterion=criterion,
+                            progress=partial,
+                            should_stop=flag,
+                            on_step=on_step,
+                        )
+                    except NonFiniteLossError as e:
+                        kept = (
+                            f"the last good checkpoint (step {last_saved}) is kept in "
+                            f"{ckpts.directory}"
+                            if last_saved is not None
+                            else "no epoch had finished, so no checkpoint was written"
+                        )
+                        raise NonFiniteLossError(
+                            f"{e}; {kept}. Lower --lr, or check the data."
+                        ) from None
+                    partial = None
+                    if not done:  # SIGINT/SIGTERM mid-epoch: save where we are, and return
+                        ckpts.save_last(
+                            int(state.step),
+                            serialization.to_state_dict(state),
+                            meta_for(epoch, progress, "running"),
+                        )
+                        last_saved = int(state.step)
+                        status = "interrupted"
+                        break
+                    record = _epoch_record(state, ds, config, criterion, epoch, progress, probe)
+                    history.append(record)
+                    if best["val_loss"] is None or record["val_loss"] < best["val_loss"]:
+                        best = {"epoch": epoch, "val_loss": record["val_loss"]}
+                        ckpts.save_best(epoch, state.params, meta_for(epoch + 1, None, "running"))
+                    stopped_early = (
+                        config.early_stopping is not None
+                        and epoch - best["epoch"] >= config.early_stopping
+                    )
+                    run_status = (
+                        "early-stopped"
+                        if stopped_early
+                        else ("finished" if epoch == config.epochs else "running")
+                    )
+                    ckpts.save_last(
+                        int(state.step),
+                        serialization.to_state_dict(state),
+                        meta_for(epoch + 1, None, run_status),
+                    )
+                    last_saved = int(state.step)
+                    report.write_metrics(history, workdir / "metrics.jsonl")
+                    bar.console.print(_epoch_line(record))
+                    if stopped_early:
+                        bar.console.print(
+                            f"early stopping: val loss has not improved for "
+                            f"{config.early_stopping} epochs (best epoch {best['epoch']})"
+                        )
+                    epoch += 1
+            if status != "interrupted":
+                if stopped_early:
+                    status = "early-stopped"
+                elif epoch <= config.epochs:  # a signal came between two epochs
+                    status = "interrupted"
+                else:
+                    status = "finished"
+        finally:
+            if history:
+                report.plot_curves(
+                    history,
+                    report.diagnose(history),
+                    workdir / "curves.png",
+                    title=f"jaxnet train: {ds.description}",
+                )
+    diagnosis = report.diagnose(history)
+    if status == "interrupted":
+        console.print(
+            f"interrupted by {flag.signal or 'a signal'} at step {int(state.step)}: checkpoint "
+            f"saved in {ckpts.directory}; continue with --resume"
+        )
+    else:
+        console.print(f"diagnosis: {diagnosis.text}")
+    return TrainResult(
+        state=state,
+        status=status,
+        history=history,
+        diagnosis=diagnosis,
+        best_epoch=diagnosis.best_epoch,
+        signal=flag.signal,
+    )
+
+
+def _epoch_line(r: Mapping[str, Any]) -> str:
+    line = (
+        f"epoch {r['epoch']:>3}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.2%}"
+        f" | val loss {r['val_loss']:.4f} acc {r['val_accuracy']:.2%} | {r['seconds']:.1f} s"
+    )
+    if "grad_norm_mean" in r:
+        line += (
+            f" | per-example grad norm mean {r['grad_norm_mean']:.3g} max {r['grad_norm_max']:.3g}"
+        )
+    return line
+
+
+def _progress_bar(config: TrainConfig) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    return Progress(
+        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[sps]:,.0f} samples/s"),
+        TimeElapsedColumn(),
+        disable=not config.progress,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained params in and out of a workdir
+# ---------------------------------------------------------------------------------------------
+
+
+def _abstract_params(num_classes: int) -> Any:
+    net = Net(num_classes=num_classes)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 1), jnp.float32)
+    return jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)))[
+        "params"
+    ]
+
+
+def load_params(
+    workdir: str | os.PathLike, which: str = "best"
+) -> tuple[Any, TrainConfig, dict[str, Any]]:
+    """``(params, config, meta)`` of the ``best`` (lowest val loss) or ``last`` checkpoint."""
+    with checkpoint.Checkpoints(Path(workdir) / "checkpoints") as ckpts:
+        _, meta = ckpts.read_meta(which)
+        config = TrainConfig(**meta["config"])
+        params, meta = ckpts.restore_params(_abstract_params(config.num_classes), which)
+    return params, config, meta
+
+
+def import_params(
+    weights: str | os.PathLike,
+    workdir: str | os.PathLike,
+    config: TrainConfig | None = None,
+    overwrite: bool = False,
+) -> Any:
+    """Read a PyTorch ``state_dict`` (``.pt``/``.safetensors``) into ``workdir``'s ``best``
+    checkpoint, for ``jaxnet export``/``features``; ``config`` names the data it belongs to."""
+    from jaxnet.convert import params_from_torch
+
+    params = params_from_torch(weights)
+    num_classes = int(params["fc3"]["bias"].shape[0])
+    config = dataclasses.replace(config or TrainConfig(), num_classes=num_classes, epochs=0)
+    with checkpoint.Checkpoints(Path(workdir) / "checkpoints") as ckpts:
+        if ckpts.exists():
+            if not overwrite:
+                raise CheckpointError(
+                    f"{ckpts.directory} already holds checkpoints; pass --overwrite to replace "
+                    "them or choose another --workdir."
+                )
+            ckpts.clear()
+        ckpts.save_best(0, params, {"config": config_to_json(config), "source": str(weights)})
+    return params

@@ -60,9 +60,15 @@ def _child(args: argparse.Namespace) -> dict:
         jax.block_until_ready((state, metrics))
         best = min(best, (time.perf_counter() - start) / args.steps)
     assert np.isfinite(float(metrics["loss"]))
-    return {"impl": "jaxnet", "devices": args.n, "mesh": par.describe_mesh(mesh),
-            "platform": devices[0].platform, "global_batch": batch_size,
-            "step_ms": best * 1e3, "samples_per_s": batch_size / best}
+    return {
+        "impl": "jaxnet",
+        "devices": args.n,
+        "mesh": par.describe_mesh(mesh),
+        "platform": devices[0].platform,
+        "global_batch": batch_size,
+        "step_ms": best * 1e3,
+        "samples_per_s": batch_size / best,
+    }
 
 
 def _torch(global_batch: int, steps: int, warmup: int, repeats: int) -> dict:
@@ -93,9 +99,15 @@ def _torch(global_batch: int, steps: int, warmup: int, repeats: int) -> dict:
         for _ in range(steps):
             step()
         best = min(best, (time.perf_counter() - start) / steps)
-    return {"impl": f"torch ({torch.get_num_threads()} threads)", "devices": 1,
-            "mesh": "1 process", "platform": "cpu", "global_batch": global_batch,
-            "step_ms": best * 1e3, "samples_per_s": global_batch / best}
+    return {
+        "impl": f"torch ({torch.get_num_threads()} threads)",
+        "devices": 1,
+        "mesh": "1 process",
+        "platform": "cpu",
+        "global_batch": global_batch,
+        "step_ms": best * 1e3,
+        "samples_per_s": global_batch / best,
+    }
 
 
 def _run_child(args: argparse.Namespace, n: int, global_batch: int) -> dict:
@@ -105,9 +117,22 @@ def _run_child(args: argparse.Namespace, n: int, global_batch: int) -> dict:
         env["JAX_PLATFORMS"] = "cpu"
         flag = f"--xla_force_host_platform_device_count={n}"
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
-    cmd = [sys.executable, __file__, "--child", str(n), "--global-batch-size", str(global_batch),
-           "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--repeats", str(args.repeats), "--platform", args.platform]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(n),
+        "--global-batch-size",
+        str(global_batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--repeats",
+        str(args.repeats),
+        "--platform",
+        args.platform,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
         raise SystemExit(f"{n} devices failed:\n{done.stderr[-3000:]}")
@@ -117,15 +142,20 @@ def _run_child(args: argparse.Namespace, n: int, global_batch: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
-    p.add_argument("--global-batch-size", type=int, default=128,
-                   help="fixed global batch (strong scaling)")
-    p.add_argument("--per-device-batch", type=int, default=None,
-                   help="batch per device instead (weak scaling)")
+    p.add_argument(
+        "--global-batch-size", type=int, default=128, help="fixed global batch (strong scaling)"
+    )
+    p.add_argument(
+        "--per-device-batch", type=int, default=None, help="batch per device instead (weak scaling)"
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--platform", default="cpu",
-                   help="cpu: host devices made with XLA_FLAGS; gpu/tpu: the real devices")
+    p.add_argument(
+        "--platform",
+        default="cpu",
+        help="cpu: host devices made with XLA_FLAGS; gpu/tpu: the real devices",
+    )
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--timeout", type=int, default=600, help="seconds per device count")
     p.add_argument("--json", action="store_true")
@@ -150,17 +180,24 @@ def main() -> int:
         t = _torch(batch, args.steps, args.warmup, args.repeats)
         t["vs_first"] = t["samples_per_s"] / base
         rows.append(t)
-    info = {"cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-            "command": " ".join(["python", "scripts/scaling.py", *sys.argv[1:]])}
+    info = {
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+        "command": " ".join(["python", "scripts/scaling.py", *sys.argv[1:]]),
+    }
     if args.json:
         print(json.dumps({"machine": info, "rows": rows}, indent=2))
         return 0
     print(f"{info['command']}  ({info['cpu_count']} CPUs, load average {info['load_avg_1m']:.1f})")
-    print(f"{'impl':<20} {'mesh':<24} {'batch':>6} {'step ms':>9} {'samples/s':>10} "
-          f"{'vs ' + str(counts[0]) + ' dev':>9}")
+    print(
+        f"{'impl':<20} {'mesh':<24} {'batch':>6} {'step ms':>9} {'samples/s':>10} "
+        f"{'vs ' + str(counts[0]) + ' dev':>9}"
+    )
     for r in rows:
-        print(f"{r['impl']:<20} {r['mesh']:<24} {r['global_batch']:>6} {r['step_ms']:>9.1f} "
-              f"{r['samples_per_s']:>10.0f} {r['vs_first']:>9.2f}")
+        print(
+            f"{r['impl']:<20} {r['mesh']:<24} {r['global_batch']:>6} {r['step_ms']:>9.1f} "
+            f"{r['samples_per_s']:>10.0f} {r['vs_first']:>9.2f}"
+        )
     return 0
 
 

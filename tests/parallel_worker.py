@@ -24,8 +24,10 @@ STEPS = 10
 
 
 def flat(params) -> dict[str, np.ndarray]:
-    return {jax.tree_util.keystr(k): np.asarray(v, np.float64)
-            for k, v in jax.tree_util.tree_leaves_with_path(par.to_host(params))}
+    return {
+        jax.tree_util.keystr(k): np.asarray(v, np.float64)
+        for k, v in jax.tree_util.tree_leaves_with_path(par.to_host(params))
+    }
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
@@ -53,8 +55,9 @@ def torch_like_init(net: Net, seed: int = 0) -> dict:
     out = {}
     for layer, p in like.items():
         bound = 1 / np.sqrt(np.prod(p["kernel"].shape[:-1]))
-        out[layer] = {k: rng.uniform(-bound, bound, v.shape).astype(np.float32)
-                      for k, v in p.items()}
+        out[layer] = {
+            k: rng.uniform(-bound, bound, v.shape).astype(np.float32) for k, v in p.items()
+        }
     return out
 
 
@@ -69,8 +72,9 @@ def main(out: Path) -> None:
     images, labels = par.shard_batch((x, y), mesh8)
     result["batch_spec"] = str(images.sharding.spec)
     result["batch_shard_shapes"] = sorted({s.data.shape for s in images.addressable_shards})
-    result["batch_roundtrip_equal"] = bool(np.array_equal(np.asarray(images), x)
-                                           and np.array_equal(np.asarray(labels), y))
+    result["batch_roundtrip_equal"] = bool(
+        np.array_equal(np.asarray(images), x) and np.array_equal(np.asarray(labels), y)
+    )
     result["local_rows_8"] = par.local_batch_indices(BATCH, mesh8).tolist()
 
     params0 = torch_like_init(Net())
@@ -78,23 +82,31 @@ def main(out: Path) -> None:
     # The unchanged train_step, given these shardings, compiles to a program in which XLA's
     # all-reduce sums the per-device gradient contributions.
     state8 = par.replicate(
-        create_train_state(jax.random.key(0), Net(), optim.sgd(0.01, 0.9), params0), mesh8)
+        create_train_state(jax.random.key(0), Net(), optim.sgd(0.01, 0.9), params0), mesh8
+    )
     compiled = train_step.lower(state8, (images, labels), losses.cross_entropy).compile()
     result["compiled_all_reduce"] = "all-reduce" in compiled.as_text()
     # eval_step, unchanged, on the sharded batch and state vs one device.
     m8 = eval_step(state8, (images, labels))
-    m1 = eval_step(create_train_state(jax.random.key(0), Net(), optim.sgd(0.01, 0.9), params0),
-                   (jnp.asarray(x), jnp.asarray(y)))
+    m1 = eval_step(
+        create_train_state(jax.random.key(0), Net(), optim.sgd(0.01, 0.9), params0),
+        (jnp.asarray(x), jnp.asarray(y)),
+    )
     result["eval"] = {k: [float(m1[k]), float(m8[k])] for k in m1}
     runs: dict[str, dict] = {}
     for steps in (1, STEPS):
-        for name, mesh, dtype in (("f32_1", mesh1, jnp.float32), ("f32_8", mesh8, jnp.float32),
-                                  ("f32_4", mesh4, jnp.float32), ("f64_1", mesh1, jnp.float64)):
+        for name, mesh, dtype in (
+            ("f32_1", mesh1, jnp.float32),
+            ("f32_8", mesh8, jnp.float32),
+            ("f32_4", mesh4, jnp.float32),
+            ("f64_1", mesh1, jnp.float64),
+        ):
             if steps == 1 and name == "f32_4":
                 continue
             with jax.enable_x64(dtype == jnp.float64):
                 state, history = par.train_data_parallel(
-                    steps, BATCH, mesh=mesh, dtype=dtype, params=params0)
+                    steps, BATCH, mesh=mesh, dtype=dtype, params=params0
+                )
                 params = flat(state.params)
             leaves = jax.tree.leaves(state.params)
             runs[f"{name}_{steps}"] = {"params": params, "losses": history}
@@ -119,7 +131,8 @@ def main(out: Path) -> None:
         }
         if "f32_4" in r:
             result[f"steps_{steps}"]["sharded4_vs_single"] = max_abs_diff(
-                r["f32_4"]["params"], r["f32_1"]["params"])
+                r["f32_4"]["params"], r["f32_1"]["params"]
+            )
 
     # Uneven global batch: a clear error naming the fix, from every entry point.
     result["errors"] = {

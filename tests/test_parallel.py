@@ -51,8 +51,16 @@ def _run_all(cmds: list[list[str]], env: dict[str, str], logs: Path) -> list[str
         for i, cmd in enumerate(cmds):
             out = open(logs / f"proc{i}.log", "w+")  # closed in finally
             outs.append(out)
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=REPO,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         deadline = time.monotonic() + DEADLINE_S
         for p in procs:
             p.wait(timeout=max(deadline - time.monotonic(), 1))
@@ -82,8 +90,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def eight(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("eight_devices")
-    _run_all([[sys.executable, str(REPO / "tests" / "parallel_worker.py"), str(out)]],
-             _env(8), out)
+    _run_all([[sys.executable, str(REPO / "tests" / "parallel_worker.py"), str(out)]], _env(8), out)
     return json.loads((out / "result.json").read_text()), out
 
 
@@ -135,14 +142,30 @@ def test_uneven_global_batch_is_a_clear_error(eight):
 def test_two_processes_match_one_process_with_four_devices(eight, tmp_path):
     r, ref = eight
     port = _free_port()
-    cmd = [sys.executable, "-m", "jaxnet.parallel", "--steps", str(STEPS),
-           "--global-batch-size", str(BATCH), "--init-params", str(ref / "init.npz"),
-           "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
-           "--checkpoint-dir", str(tmp_path / "ckpt")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxnet.parallel",
+        "--steps",
+        str(STEPS),
+        "--global-batch-size",
+        str(BATCH),
+        "--init-params",
+        str(ref / "init.npz"),
+        "--coordinator-address",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+    ]
     texts = _run_all(
-        [[*cmd, "--process-id", "0", "--save-params", str(tmp_path / "p2.npz")],
-         [*cmd, "--process-id", "1"]],
-        _env(2), tmp_path,
+        [
+            [*cmd, "--process-id", "0", "--save-params", str(tmp_path / "p2.npz")],
+            [*cmd, "--process-id", "1"],
+        ],
+        _env(2),
+        tmp_path,
     )
     lines = [ln for ln in texts[0].splitlines() if ln.startswith("{")]
     run = json.loads(lines[-1])
@@ -182,8 +205,9 @@ def test_initialize_distributed_reads_the_environment(monkeypatch):
     assert par.initialize_distributed() is False  # single process: nothing to do
 
     monkeypatch.setenv(par.COORDINATOR_ADDRESS_ENV, "10.0.0.1:1234")
-    with pytest.raises(ValueError, match="missing: num_processes / JAX_NUM_PROCESSES, "
-                                         "process_id / JAX_PROCESS_ID"):
+    with pytest.raises(
+        ValueError, match="missing: num_processes / JAX_NUM_PROCESSES, process_id / JAX_PROCESS_ID"
+    ):
         par.initialize_distributed()
     monkeypatch.setenv(par.NUM_PROCESSES_ENV, "2")
     monkeypatch.setenv(par.PROCESS_ID_ENV, "two")
@@ -199,8 +223,9 @@ def test_initialize_distributed_reads_the_environment(monkeypatch):
 def test_params_npz_roundtrip_and_mismatch(tmp_path):
     net = Net()
     like = jax.eval_shape(par.init_params, net, jax.random.key(0))
-    params = jax.tree.map(lambda s: np.arange(np.prod(s.shape), dtype=s.dtype).reshape(s.shape),
-                          like)
+    params = jax.tree.map(
+        lambda s: np.arange(np.prod(s.shape), dtype=s.dtype).reshape(s.shape), like
+    )
     path = tmp_path / "p.npz"
     par.write_params_npz(path, params)
     back = par.read_params_npz(path, net)

@@ -1,0 +1,76 @@
+"""The conv layers' activations for one input, drawn as a PNG grid (the tutorial's AlexNet
+feature-map figure, for ``Net``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxnet.model import Net
+from jaxnet.report import _write
+
+__all__ = ["conv_activations", "plot_features"]
+
+
+def conv_activations(params: Any, images: Any, num_classes: int | None = None) -> dict[str, Any]:
+    """conv1 ``(N, 30, 30, 6)`` and conv2 ``(N, 28, 28, 16)`` activations of NHWC ``images``.
+
+    Taken with Flax's ``capture_intermediates`` (only the two conv modules are captured). The
+    conv modules return pre-activation outputs; ReLU is applied here, so the maps are exactly
+    what the next layer sees.
+    """
+    if num_classes is None:
+        num_classes = int(params["fc3"]["bias"].shape[0])
+    _, state = Net(num_classes=num_classes).apply(
+        {"params": params},
+        images,
+        capture_intermediates=lambda module, method: module.name in ("conv1", "conv2"),
+        mutable=["intermediates"],
+    )
+    inter = state["intermediates"]
+    return {name: jax.nn.relu(inter[name]["__call__"][0]) for name in ("conv1", "conv2")}
+
+
+def plot_features(
+    image: np.ndarray,
+    activations: dict[str, Any],
+    path: str | os.PathLike,
+    title: str = "",
+) -> None:
+    """Write a PNG: the input ``(32, 32)`` on top, then one panel per channel of each layer
+    (activations of one example, ``(H, W, C)``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 8
+    rows_per = {k: -(-np.shape(a)[-1] // cols) for k, a in activations.items()}
+    n_rows = 1 + sum(rows_per.values())
+    fig, axes = plt.subplots(n_rows, cols, figsize=(cols * 1.3, n_rows * 1.45))
+    for ax in axes.ravel():
+        ax.axis("off")
+    axes[0, 0].imshow(np.asarray(image).squeeze(), cmap="gray")
+    axes[0, 0].set_title("input", fontsize=8)
+    row = 1
+    for name, act in activations.items():
+        a = np.asarray(act)
+        for c in range(a.shape[-1]):
+            ax = axes[row + c // cols, c % cols]
+            ax.imshow(a[..., c], cmap="viridis")
+            ax.set_title(f"{name}[{c}]", fontsize=7)
+        row += rows_per[name]
+    fig.suptitle(title or "conv activations (after ReLU)", fontsize=10)
+    fig.tight_layout()
+
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=80)
+
+    try:
+        _write(Path(path), write)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,334 @@
+"""The training job end to end: files, resume, kill-and-resume, signals, NaN, bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import SMALL, small
+from flax import serialization
+
+import jaxnet.train as train_mod
+from jaxnet.checkpoint import CheckpointError, Checkpoints
+from jaxnet.report import diagnose
+from jaxnet.train import NonFiniteLossError, train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def assert_same_bits(a, b) -> None:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def without_seconds(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def test_end_to_end_writes_metrics_curves_checkpoints(reference_run, capsys):
+    workdir, result = reference_run
+    assert result.status == "finished"
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"):
+            assert np.isfinite(r[key])
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Checkpoints(workdir / "checkpoints") as ckpts:
+        step, meta = ckpts.read_meta("last")
+        best_epoch, _ = ckpts.read_meta("best")
+    assert step == 16 and meta["status"] == "finished" and meta["epoch"] == 3
+    assert best_epoch == result.best_epoch == min(records, key=lambda r: r["val_loss"])["epoch"]
+    assert result.diagnosis.text
+
+
+def test_per_example_grad_norms_match_single_example_grads(reference_run):
+    from jaxnet.data import load_data
+    from jaxnet.train import loss_fn, per_example_grad_norms
+
+    workdir, result = reference_run
+    state = result.state
+    ds = load_data(limit=SMALL.limit)
+    probe = (ds.x_train[:3], ds.y_train[:3])  # what the run logged: 3 examples, one chunk
+    norms = np.asarray(per_example_grad_norms(state, probe))
+    assert norms.shape == (3,)
+    padded = per_example_grad_norms(state, probe, chunk_size=2)  # chunks of 2: 1 padded
+    np.testing.assert_allclose(padded, norms, rtol=1e-6)
+    last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["grad_norm_mean"] == float(norms.mean())
+    assert last["grad_norm_max"] == float(norms.max())
+
+    @jax.jit
+    def grad_of_one(xi, yi):
+        return jax.grad(
+            lambda p: loss_fn(p, state.apply_fn, (xi, yi), train_mod.losses.cross_entropy)[0]
+        )(state.params)
+
+    for i in range(3):
+        g = grad_of_one(probe[0][i : i + 1], probe[1][i : i + 1])
+        ref = np.sqrt(sum(float(np.sum(np.square(leaf))) for leaf in jax.tree.leaves(g)))
+        np.testing.assert_allclose(norms[i], ref, rtol=1e-5)
+
+
+def test_resume_continues_bit_identically(reference_run, tmp_path: Path, capsys):
+    _, reference = reference_run
+    # What a process killed while writing its first checkpoint leaves: an orbax temporary.
+    (tmp_path / "checkpoints" / "last" / "8.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    first = train_and_evaluate(small(epochs=1, resume=True), tmp_path)
+    assert "no complete checkpoint" in capsys.readouterr().out
+    assert first.status == "finished" and len(first.history) == 1
+    resumed = train_and_evaluate(small(resume=True), tmp_path)
+    assert resumed.status == "finished"
+    assert_same_bits(
+        serialization.to_state_dict(resumed.state), serialization.to_state_dict(reference.state)
+    )
+    assert without_seconds(resumed.history) == without_seconds(reference.history)
+    # Resuming a finished run does nothing more.
+    again = train_and_evaluate(small(resume=True), tmp_path)
+    assert int(again.state.step) == int(reference.state.step)
+
+
+def _start_training(workdir: Path) -> subprocess.Popen:
+    # SMALL's settings but 50 epochs, so the process is surely still running when killed; the
+    # resume may change --epochs back to SMALL's 2.
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxnet",
+        "train",
+        "--workdir",
+        str(workdir),
+        "--limit",
+        str(SMALL.limit),
+        "--batch-size",
+        str(SMALL.batch_size),
+        "--epochs",
+        "50",
+        "--per-example-grad-norms",
+        str(SMALL.per_example_grad_norms),
+        "--no-progress",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for_first_checkpoint(proc: subprocess.Popen, workdir: Path) -> None:
+    last = workdir / "checkpoints" / "last"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if last.is_dir() and any(p.name.isdigit() for p in last.iterdir()):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before its first checkpoint: {proc.communicate()}")
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail("no checkpoint within 240 s")
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(reference_run, tmp_path: Path):
+    """A real `jaxnet train` process killed by SIGKILL (which cannot be caught) after its first
+    epoch's checkpoint, so during epoch 2; the resume replays epoch 2 from its start and ends
+    with the reference run's exact bits and metrics."""
+    _, reference = reference_run
+    proc = _start_training(tmp_path)
+    _wait_for_first_checkpoint(proc, tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = train_and_evaluate(small(resume=True), tmp_path)
+    assert resumed.status == "finished"
+    assert_same_bits(
+        serialization.to_state_dict(resumed.state), serialization.to_state_dict(reference.state)
+    )
+    assert without_seconds(resumed.history) == without_seconds(reference.history)
+
+
+def _signal_after_step(monkeypatch, sig: signal.Signals, at_step: int) -> None:
+    """Make the training loop raise a real ``sig`` in this process right after step ``at_step``."""
+    real_step = train_mod.train_step
+
+    def step_then_signal(state, batch, criterion):
+        new_state, metrics = real_step(state, batch, criterion)
+        if int(new_state.step) == at_step:
+            os.kill(os.getpid(), sig)
+        return new_state, metrics
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+
+
+def test_sigint_saves_and_exits_cleanly(tmp_path: Path, monkeypatch, capsys):
+    from jaxnet.cli import main
+
+    _signal_after_step(monkeypatch, signal.SIGINT, at_step=5)
+    argv = [
+        "train",
+        "--workdir",
+        str(tmp_path),
+        "--limit",
+        str(SMALL.limit),
+        "--batch-size",
+        str(SMALL.batch_size),
+        "--no-progress",
+    ]
+    assert main(argv) == 130  # no KeyboardInterrupt, the conventional status of SIGINT
+    assert "interrupted by SIGINT at step 5" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    with Checkpoints(tmp_path / "checkpoints") as ckpts:
+        step, meta = ckpts.read_meta("last")
+    assert step == 5 and meta["epoch"] == 1 and meta["partial"]["batches_done"] == 5
+
+
+def test_sigterm_mid_epoch_saves_and_resumes_identically(reference_run, tmp_path, monkeypatch):
+    """A real SIGTERM, raised at step 11 (epoch 2, batch 3): the run saves a mid-epoch
+    checkpoint and returns; resuming from it gives the reference run's bits and metrics."""
+    _, reference = reference_run
+    _signal_after_step(monkeypatch, signal.SIGTERM, at_step=11)
+    stopped = train_and_evaluate(SMALL, tmp_path)
+    monkeypatch.undo()
+    assert stopped.status == "interrupted" and stopped.signal == "SIGTERM"
+    assert int(stopped.state.step) == 11
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    with Checkpoints(tmp_path / "checkpoints") as ckpts:
+        step, meta = ckpts.read_meta("last")
+    assert step == 11 and meta["partial"]["batches_done"] == 3
+    resumed = train_and_evaluate(small(resume=True), tmp_path)
+    assert_same_bits(
+        serialization.to_state_dict(resumed.state), serialization.to_state_dict(reference.state)
+    )
+    assert without_seconds(resumed.history) == without_seconds(reference.history)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    real_step = train_mod.train_step
+
+    def nan_at_step_11(state, batch, criterion):
+        new_state, metrics = real_step(state, batch, criterion)
+        if int(state.step) + 1 == 11:
+            metrics = {**metrics, "loss": np.float32("nan")}
+        return new_state, metrics
+
+    monkeypatch.setattr(train_mod, "train_step", nan_at_step_11)
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"nan at step 11 \(epoch 2, batch 3 of 8\)"
+        r".*last good checkpoint \(step 8\)",
+    ):
+        train_and_evaluate(SMALL, tmp_path)
+    with Checkpoints(tmp_path / "checkpoints") as ckpts:
+        assert ckpts.read_meta("last")[0] == 8
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (tmp_path / "curves.png").exists()
+
+
+def test_diverging_learning_rate_is_caught(tmp_path: Path):
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ \(epoch 1.*Lower --lr"):
+        train_and_evaluate(small(lr=1e12, epochs=1), tmp_path)
+
+
+def test_existing_run_needs_resume_or_overwrite(copy_of_reference: Path):
+    with pytest.raises(CheckpointError, match=r"--resume.*--overwrite"):
+        train_and_evaluate(SMALL, copy_of_reference)
+    with pytest.raises(CheckpointError, match=r"other settings \(lr: checkpoint 0.01, now 0.02"):
+        train_and_evaluate(small(resume=True, lr=0.02), copy_of_reference)
+
+
+def test_foreign_and_corrupt_checkpoint_dirs(copy_of_reference: Path, tmp_path: Path):
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoints" / "something").mkdir(parents=True)
+    (foreign / "checkpoints" / "model.pkl").write_bytes(b"\x80\x04junk")
+    with pytest.raises(CheckpointError, match="not a jaxnet checkpoint folder"):
+        train_and_evaluate(small(resume=True), foreign)
+    # A real orbax checkpoint without jaxnet's meta is foreign too.
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(tmp_path / "other" / "checkpoints" / "last") as manager:
+        manager.save(1, args=ocp.args.Composite(meta=ocp.args.JsonSave({"x": 1})))
+    with pytest.raises(CheckpointError, match="not a jaxnet training checkpoint"):
+        train_and_evaluate(small(resume=True), tmp_path / "other")
+    # Damaged array data in a jaxnet checkpoint.
+    state_dir = next((copy_of_reference / "checkpoints" / "last").iterdir()) / "state"
+    shutil.rmtree(state_dir)
+    state_dir.mkdir()
+    (state_dir / "garbage").write_text("x")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train_and_evaluate(small(resume=True), copy_of_reference)
+
+
+def test_early_stopping_keeps_best(tmp_path: Path, monkeypatch):
+    real_evaluate = train_mod.evaluate
+    val_losses = iter([0.5, 0.4, 0.45])
+
+    def scripted_evaluate(*args, **kwargs):  # the real evaluation, with a scripted val loss
+        return {**real_evaluate(*args, **kwargs), "loss": next(val_losses)}
+
+    monkeypatch.setattr(train_mod, "evaluate", scripted_evaluate)
+    result = train_and_evaluate(small(epochs=5, early_stopping=1), tmp_path)
+    assert result.status == "early-stopped" and result.best_epoch == 2
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]  # not 4 and 5
+    with Checkpoints(tmp_path / "checkpoints") as ckpts:
+        assert ckpts.read_meta("best")[0] == 2
+        assert ckpts.read_meta("last")[1]["status"] == "early-stopped"
+    best, _, _ = train_mod.load_params(tmp_path, "best")
+    last, _, _ = train_mod.load_params(tmp_path, "last")
+    assert not np.array_equal(best["fc3"]["bias"], last["fc3"]["bias"])
+
+
+def _history(train, val, acc=0.99):
+    return [
+        {"epoch": i + 1, "train_loss": t, "val_loss": v, "train_accuracy": acc, "val_accuracy": acc}
+        for i, (t, v) in enumerate(zip(train, val, strict=True))
+    ]
+
+
+def test_diagnosis():
+    over = diagnose(
+        _history(
+            [1, 0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01],
+            [1, 0.6, 0.4, 0.3, 0.25, 0.2, 0.22, 0.26, 0.3],
+        )
+    )
+    assert over.kind == "over-fitting" and over.best_epoch == 6
+    assert over.text.startswith(
+        "val loss rising since epoch 7 while train loss falls: over-fitting; best epoch 6"
+    )
+    under = diagnose(_history([1, 0.9, 0.8], [1, 0.9, 0.85], acc=0.6))
+    assert under.kind == "under-fitting" and "train accuracy only 60.0%" in under.text
+    still = diagnose(_history([1, 0.5, 0.2], [1, 0.5, 0.2]))
+    assert still.kind == "still improving" and "-80% over 2 epochs" in still.text
+    good = diagnose(_history([1, 0.2, 0.1, 0.09], [1, 0.2, 0.12, 0.121]))
+    assert good.kind == "good fit" and good.best_epoch == 3
+
+
+def test_optimizer_registry_and_hyperparameters():
+    from jaxnet.cli import build_parser
+    from jaxnet.train import make_optimizer, optimizer_registry
+
+    assert "sgd" in optimizer_registry()
+    with pytest.raises(ValueError, match=r"unknown optimizer 'nope'; choose one of \['sgd'"):
+        make_optimizer("nope", 0.1)
+    with pytest.raises(ValueError, match="takes no betas; its hyperparameters are momentum"):
+        make_optimizer("sgd", 0.1, {"betas": (0.9, 0.99)})
+    args = build_parser().parse_args(["train", "--opt", "dampening=0.5", "--weight-decay", "0"])
+    assert dict(args.opt) == {"dampening": 0.5}
+    # Given hyperparameters override sgd's default momentum 0.9 one by one, not all at once.
+    params = {"w": np.ones(3, np.float32)}
+    grads = {"w": np.ones(3, np.float32)}
+    tx = make_optimizer("sgd", 1.0, {"dampening": 0.5})
+    state = tx.init(params)
+    for _ in range(2):
+        updates, state = tx.update(grads, state, params)
+    np.testing.assert_allclose(updates["w"], -(0.9 * 1 + 0.5 * 1))  # torch: buf = 0.9 buf + 0.5 g
