@@ -54,14 +54,30 @@ class WeightFileError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
+def _permute(x: Any, axes: tuple[int, int, int, int]) -> Any:
+    if type(x).__module__.startswith("torch"):
+        return x.permute(*axes).contiguous()
+    if isinstance(x, np.ndarray):
+        # A copy, not a view: with one channel a transposed view keeps strides that torch reads
+        # as channels_last, and TorchNet's x.view(...) then fails.
+        return x.transpose(axes).copy()
+    return x.transpose(axes)
+
+
 def nchw_to_nhwc(x: Any) -> Any:
-    """PyTorch's ``(N, C, H, W)`` batch as the ``(N, H, W, C)`` batch ``jaxnet.Net`` takes."""
-    return x.transpose(0, 2, 3, 1)
+    """PyTorch's ``(N, C, H, W)`` batch as the ``(N, H, W, C)`` batch ``jaxnet.Net`` takes.
+
+    Takes numpy or jax arrays and torch tensors; returns the same kind, laid out contiguously.
+    """
+    return _permute(x, (0, 2, 3, 1))
 
 
 def nhwc_to_nchw(x: Any) -> Any:
-    """``jaxnet``'s ``(N, H, W, C)`` batch as the ``(N, C, H, W)`` batch PyTorch's Net takes."""
-    return x.transpose(0, 3, 1, 2)
+    """``jaxnet``'s ``(N, H, W, C)`` batch as the ``(N, C, H, W)`` batch PyTorch's Net takes.
+
+    Takes numpy or jax arrays and torch tensors; returns the same kind, laid out contiguously.
+    """
+    return _permute(x, (0, 3, 1, 2))
 
 
 def check_nhwc_images(x: Any) -> None:
@@ -294,6 +310,10 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates the file 0600; give it the mode a plain open() would (umask applied).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

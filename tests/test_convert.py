@@ -199,7 +199,21 @@ def test_state_dict_shape_table_matches_torch():
         assert torch_state_dict_shapes(n) == ref
 
 
-def test_layout_helpers_invert_each_other():
+def test_layout_helpers_invert_each_other(torch_net):
     x = np.arange(2 * 1 * 32 * 32, dtype=np.float32).reshape(2, 1, 32, 32)
     assert jaxnet.nchw_to_nhwc(x).shape == (2, 32, 32, 1)
     assert np.array_equal(jaxnet.nhwc_to_nchw(jaxnet.nchw_to_nhwc(x)), x)
+    assert np.array_equal(jaxnet.nhwc_to_nchw(jnp.asarray(jaxnet.nchw_to_nhwc(x))), x)
+    t = torch.from_numpy(x)
+    assert torch.equal(jaxnet.nhwc_to_nchw(jaxnet.nchw_to_nhwc(t)), t)
+    # A batch converted back for torch feeds TorchNet directly (its forward uses x.view).
+    with torch.no_grad():
+        torch_net(torch.from_numpy(jaxnet.nhwc_to_nchw(jaxnet.nchw_to_nhwc(x))))
+
+
+def test_written_files_get_the_umask_mode(tmp_path, torch_net):
+    path = tmp_path / "net.safetensors"
+    jaxnet.params_to_torch(jaxnet.params_from_torch(torch_net.state_dict()), path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
