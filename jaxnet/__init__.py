@@ -13,7 +13,15 @@ from jaxnet.convert import (
     params_to_torch,
 )
 from jaxnet.model import Net, summary
-from jaxnet.train import TrainState, create_train_state, eval_step, loss_fn, train_step
+from jaxnet.train import (
+    TrainState,
+    create_train_state,
+    eval_step,
+    loss_fn,
+    train_step,
+    train_step_donated,
+    train_steps,
+)
 
 __version__ = "0.1.0"
 
@@ -33,4 +41,6 @@ __all__ = [
     "params_to_torch",
     "summary",
     "train_step",
+    "train_step_donated",
+    "train_steps",
 ]

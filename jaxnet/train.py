@@ -15,7 +15,7 @@ from jaxnet import losses
 from jaxnet.model import Net
 
 __all__ = ["Batch", "Criterion", "TrainState", "create_train_state", "eval_step", "loss_fn",
-           "train_step"]
+           "train_step", "train_step_donated", "train_steps"]
 
 Batch = tuple[jax.Array, jax.Array]
 """``(images, targets)``: images NHWC ``(N, 32, 32, 1)``; targets as the criterion wants them."""
@@ -43,7 +43,9 @@ def loss_fn(
     """``(criterion(apply_fn(params, images), targets), logits)``; pure, differentiable."""
     images, targets = batch
     logits = apply_fn({"params": params}, images)
-    return criterion(logits, targets), logits
+    # A Net computing in bfloat16 (dtype=jnp.bfloat16) still gets its loss in float32.
+    loss_logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    return criterion(loss_logits, targets), logits
 
 
 def _raise_bad_labels(low: Any, high: Any, num_classes: int) -> None:
@@ -79,8 +81,7 @@ def _metrics(loss: jax.Array, logits: jax.Array, targets: jax.Array) -> dict[str
     return metrics
 
 
-@functools.partial(jax.jit, static_argnames=("criterion",))
-def train_step(
+def _train_step(
     state: TrainState, batch: Batch, criterion: Criterion = losses.cross_entropy
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step: ``value_and_grad`` of ``loss_fn``, then ``state.apply_gradients``.
@@ -88,7 +89,8 @@ def train_step(
     The same as ``zero_grad(); loss.backward(); optimizer.step()`` in PyTorch. ``criterion`` is
     static: pass the same function object every step (a new ``functools.partial`` each call
     would recompile). Returns ``(new_state, {"loss", and "accuracy" for class-index targets})``,
-    where the metrics are those of the parameters *before* the step.
+    where the metrics are those of the parameters *before* the step. Class-index targets outside
+    ``[0, num_classes)`` raise a ``ValueError``.
     """
     _, targets = batch
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -96,6 +98,50 @@ def train_step(
     )
     _guard_labels(targets, logits.shape[-1])
     return state.apply_gradients(grads=grads), _metrics(loss, logits, targets)
+
+
+train_step = jax.jit(_train_step, static_argnames=("criterion",))
+
+train_step_donated = jax.jit(
+    _train_step, static_argnames=("criterion",), donate_argnames=("state",)
+)
+train_step_donated.__doc__ = """``train_step`` that donates ``state``'s buffers to the new state.
+
+XLA then updates the parameters and optimizer state in place instead of allocating new ones,
+which is faster where the step is bound by memory traffic (small batches: ~6.4 M fc1
+weights, their gradient and momentum). The ``state`` passed in is deleted: use it only as
+``state, metrics = train_step_donated(state, batch)``; reading the old state (or anything
+sharing its arrays) afterwards raises "Array has been deleted". ``train_step`` is the safe
+default when old states are kept (e.g. for checkpoints or comparisons).
+"""
+
+
+def _train_steps(
+    state: TrainState, batches: Batch, criterion: Criterion = losses.cross_entropy
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``S`` training steps fused into one XLA program with ``lax.scan``.
+
+    ``batches`` is ``(images (S, N, 32, 32, 1), targets (S, N, ...))``: a stack of ``S``
+    batches already on the device. Equal to ``S`` calls of ``train_step`` up to float32 round-off
+    (XLA compiles the loop body on its own, so fusion may differ), without the per-step
+    Python dispatch and host round trips.
+    Returns ``(state after S steps, metrics stacked along a leading axis of length S)``.
+    """
+    images, targets = batches
+    if jnp.ndim(images) < 1 or jnp.shape(images)[:1] != jnp.shape(targets)[:1]:
+        raise ValueError(
+            "train_steps takes a stack of batches: images (S, N, 32, 32, 1) and targets "
+            f"(S, N, ...) with the same S; got shapes {jnp.shape(images)} and "
+            f"{jnp.shape(targets)}. Stack per-step batches with jnp.stack."
+        )
+
+    def body(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        return _train_step(state, batch, criterion)
+
+    return jax.lax.scan(body, state, batches)
+
+
+train_steps = jax.jit(_train_steps, static_argnames=("criterion",))
 
 
 @functools.partial(jax.jit, static_argnames=("criterion",))
