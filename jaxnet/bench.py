@@ -21,8 +21,10 @@ layers as 2 FLOPs, backward = 2x forward except conv1's unneeded input gradient;
 loss and optimizer work not counted). The matmul peak is the median rate of a large float32
 ``jnp`` matmul measured in the same run. Peak memory on CPU is the growth of the process' peak
 resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) over the variant's
-first calls: approximate, since allocators keep freed memory; on GPU it is the framework's
-device allocator peak.
+first calls: a lower bound, since allocators reuse memory freed by earlier variants; on GPU it
+is the framework's device allocator peak. For jaxnet, XLA's buffer assignment of the compiled
+step (arguments + outputs + temporaries - donated) is reported too: exact, and comparable
+across machines.
 """
 
 from __future__ import annotations
@@ -206,6 +208,8 @@ class _Variant:
     calls_per_rep: int = 1
     compile_s: float = math.nan
     peak_mb: float | None = None
+    xla_memory: Callable[[], float | None] | None = None  # jax: XLA's own figure, in MB
+    xla_mb: float | None = None
     times: list[float] = field(default_factory=list)
 
 
@@ -226,32 +230,38 @@ def _jax_variants(cfg: BenchConfig, params: Any, x: np.ndarray, y: np.ndarray) -
     )
     out: list[_Variant] = []
 
-    def stepper(step: Callable[..., Any], batch: Any) -> Callable[[], Any]:
+    def variant(name: str, step: Callable[..., Any], batch: Any, steps: int = 1) -> _Variant:
         box = [new_state()]
 
         def run() -> Any:
             box[0], metrics = step(box[0], batch)
             return metrics["loss"]
 
-        return run
+        return _Variant(name, "jax", run, _jax_sync, steps_per_call=steps,
+                        xla_memory=lambda: _xla_peak_mb(step, box[0], batch))
 
-    out.append(_Variant("jax_step", "jax", stepper(jaxnet.train_step, (xb, yb)), _jax_sync))
-    out.append(
-        _Variant("jax_donated", "jax", stepper(jaxnet.train_step_donated, (xb, yb)), _jax_sync)
-    )
     stack = (jnp.stack([xb] * cfg.scan_steps), jnp.stack([yb] * cfg.scan_steps))
-    out.append(
-        _Variant(
-            "jax_scan", "jax", stepper(jaxnet.train_steps, stack), _jax_sync,
-            steps_per_call=cfg.scan_steps,
-        )
-    )
+    out.append(variant("jax_step", jaxnet.train_step, (xb, yb)))
+    out.append(variant("jax_donated", jaxnet.train_step_donated, (xb, yb)))
+    out.append(variant("jax_scan", jaxnet.train_steps, stack, cfg.scan_steps))
     eval_state = new_state()
     out.append(
         _Variant("jax_eval", "jax", lambda: jaxnet.eval_step(eval_state, (xb, yb))["loss"],
-                 _jax_sync)
+                 _jax_sync,
+                 xla_memory=lambda: _xla_peak_mb(jaxnet.eval_step, eval_state, (xb, yb)))
     )
     return out
+
+
+def _xla_peak_mb(fn: Any, *args: Any) -> float | None:
+    """XLA's buffer assignment for one call: arguments + outputs + temporaries - aliased."""
+    try:
+        m = fn.lower(*args).compile().memory_analysis()
+        total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                 - m.alias_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return None
+    return total / 2**20
 
 
 def _torch_variants(
@@ -325,6 +335,8 @@ def _first_calls(v: _Variant, warmup: int, log: Callable[[str], None]) -> bool:
                 v.sync(v.run())
             per_call = (time.perf_counter() - t) / max(warmup, 1)
         v.peak_mb = mem.peak_mb()
+        if v.xla_memory is not None:
+            v.xla_mb = v.xla_memory()
     except Exception as e:  # report and skip: e.g. torch.compile without a working compiler
         first = (str(e).strip().splitlines() or [""])[0][:300]
         log(f"  skipping {v.name}: {type(e).__name__}: {first}")
@@ -367,7 +379,8 @@ def _bench_batch(
             "samples_per_s": batch_size / step_s,
             "gflops_per_s": f / step_s / 1e9,
             "first_call_s": v.compile_s,
-            "peak_mb": v.peak_mb,
+            "peak_mb": v.peak_mb,  # process RSS growth (CPU) / allocator peak (GPU)
+            "xla_buffers_mb": v.xla_mb,  # jax only: XLA's buffer assignment for one call
             "reps": len(v.times),
             "steps_per_rep": v.calls_per_rep * v.steps_per_call,
         }
@@ -464,7 +477,8 @@ def format_results(results: dict[str, Any]) -> str:
     lines += [
         "",
         "| batch | GFLOP/s: step / donated / scan / torch | % of matmul peak: step / donated "
-        "/ scan / torch | first call s: jaxnet / torch.compile | peak MB: jaxnet / torch |",
+        "/ scan / torch | first call s: jaxnet / torch.compile | MB: jaxnet XLA buffers / "
+        "peak growth jaxnet / torch |",
         "|---|---|---|---|---|",
     ]
     names = ("jax_step", "jax_donated", "jax_scan", "torch_step")
@@ -478,7 +492,10 @@ def format_results(results: dict[str, Any]) -> str:
         first = f"{_get(r, 'jax_step', 'first_call_s', '.2f')} / " + _get(
             r, "compile_step", "first_call_s", ".1f"
         )
-        mem = f"{_get(r, 'jax_step', 'peak_mb', '.0f')} / {_get(r, 'torch_step', 'peak_mb', '.0f')}"
+        mem = " / ".join((
+            _get(r, "jax_step", "xla_buffers_mb", ".0f"), _get(r, "jax_step", "peak_mb", ".0f"),
+            _get(r, "torch_step", "peak_mb", ".0f"),
+        ))
         lines.append(f"| {r['batch_size']} | {gf} | {pct} | {first} | {mem} |")
     return "\n".join(lines)
 
