@@ -248,3 +248,16 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     for v in batch["variants"].values():
         assert v["steps_per_s"] > 0 and v["gflops_per_s"] > 0 and v["first_call_s"] > 0
     assert [p.name for p in path.parent.iterdir()] == ["bench.json"]  # no temporary left
+
+
+def test_in_place_ordering_leaves_params_bit_exact():
+    from jaxnet.train import _after_gradients
+
+    params = {"a": jnp.array([-0.0, 0.0, 1.5, -jnp.inf, jnp.nan]), "b": jnp.array([[2.0]])}
+    for g0 in (jnp.nan, jnp.inf, -jnp.inf, -3.0, -0.0, 7.0):
+        grads = {"a": jnp.full((5,), g0), "b": jnp.array([[g0]])}
+        out = jax.jit(_after_gradients)(grads, params)
+        for k in params:  # compare bits: -0.0 stays -0.0, NaN stays NaN
+            np.testing.assert_array_equal(
+                np.asarray(out[k]).view(np.uint32), np.asarray(params[k]).view(np.uint32)
+            )
