@@ -62,16 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01)
     p.set_defaults(func=_cmd_tutorial)
 
-    from jaxnet.bench import DEFAULT_BATCH_SIZES, parse_batch_sizes
-
     def batch_sizes(text: str) -> tuple[int, ...]:
+        from jaxnet.bench import parse_batch_sizes  # imports jax: only when benchmarking
+
         try:
             return parse_batch_sizes(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
     p = sub.add_parser("bench", help="time train_step against PyTorch eager and torch.compile")
-    p.add_argument("--batch-sizes", type=batch_sizes, default=DEFAULT_BATCH_SIZES,
+    p.add_argument("--batch-sizes", type=batch_sizes, default="1,8,32,128,256,1024",
                    help="comma-separated, default 1,8,32,128,256,1024")
     p.add_argument("--reps", type=int, default=7, help="timed repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
