@@ -322,9 +322,10 @@ def _torch_variants(
     return out
 
 
-def _first_calls(v: _Variant, warmup: int, log: Callable[[str], None]) -> bool:
+def _first_calls(v: _Variant, warmup: int, log: Callable[[str], None]) -> float | None:
     """Time the first call (compilation included), run the warm-up, measure memory.
-    False if the variant fails (then it is dropped, with the reason printed)."""
+    Returns the warm-up's seconds per call, or None if the variant fails (then it is dropped,
+    with the reason printed)."""
     try:
         with _Memory(v.framework) as mem:
             t = time.perf_counter()
@@ -340,9 +341,8 @@ def _first_calls(v: _Variant, warmup: int, log: Callable[[str], None]) -> bool:
     except Exception as e:  # report and skip: e.g. torch.compile without a working compiler
         first = (str(e).strip().splitlines() or [""])[0][:300]
         log(f"  skipping {v.name}: {type(e).__name__}: {first}")
-        return False
-    v.calls_per_rep = per_call  # provisional: seconds per call, turned into a count below
-    return True
+        return None
+    return per_call
 
 
 def _bench_batch(
@@ -356,9 +356,13 @@ def _bench_batch(
         variants += _torch_variants(cfg, state_dict, x, y, log)
     if cfg.variants:
         variants = [v for v in variants if v.name in cfg.variants]
-    variants = [v for v in variants if _first_calls(v, cfg.warmup, log)]
+    kept = []
     for v in variants:
-        v.calls_per_rep = max(1, math.ceil(cfg.min_rep_s / max(float(v.calls_per_rep), 1e-9)))
+        per_call = _first_calls(v, cfg.warmup, log)
+        if per_call is not None:
+            v.calls_per_rep = max(1, math.ceil(cfg.min_rep_s / max(per_call, 1e-9)))
+            kept.append(v)
+    variants = kept
     for _ in range(cfg.reps):  # interleaved: noise from other processes hits all variants
         for v in variants:
             t = time.perf_counter()
