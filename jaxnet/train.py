@@ -81,21 +81,9 @@ def _metrics(loss: jax.Array, logits: jax.Array, targets: jax.Array) -> dict[str
     return metrics
 
 
-def _train_step(
-    state: TrainState,
-    batch: Batch,
-    criterion: Criterion = losses.cross_entropy,
-    *,
-    in_place: bool = False,
+def _step(
+    state: TrainState, batch: Batch, criterion: Criterion, in_place: bool
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step: ``value_and_grad`` of ``loss_fn``, then ``state.apply_gradients``.
-
-    The same as ``zero_grad(); loss.backward(); optimizer.step()`` in PyTorch. ``criterion`` is
-    static: pass the same function object every step (a new ``functools.partial`` each call
-    would recompile). Returns ``(new_state, {"loss", and "accuracy" for class-index targets})``,
-    where the metrics are those of the parameters *before* the step. Class-index targets outside
-    ``[0, num_classes)`` raise a ``ValueError``.
-    """
     _, targets = batch
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.apply_fn, batch, criterion
@@ -106,13 +94,42 @@ def _train_step(
     return state.apply_gradients(grads=grads), _metrics(loss, logits, targets)
 
 
+def _train_step(
+    state: TrainState, batch: Batch, criterion: Criterion = losses.cross_entropy
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step: ``value_and_grad`` of ``loss_fn``, then ``state.apply_gradients``.
+
+    The same as ``zero_grad(); loss.backward(); optimizer.step()`` in PyTorch. ``criterion`` is
+    static: pass the same function object every step (a new ``functools.partial`` each call
+    would recompile). Returns ``(new_state, {"loss", and "accuracy" for class-index targets})``,
+    where the metrics are those of the parameters *before* the step. Class-index targets outside
+    ``[0, num_classes)`` raise a ``ValueError``.
+    """
+    return _step(state, batch, criterion, in_place=False)
+
+
+def _train_step_donated(
+    state: TrainState, batch: Batch, criterion: Criterion = losses.cross_entropy
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``train_step`` that donates ``state``'s buffers to the new state.
+
+    XLA then updates the parameters and optimizer state in place instead of allocating new
+    ones, which is faster where the step is bound by memory traffic (small batches: fc1's
+    6.4 M weights, their gradient and momentum). The ``state`` passed in is deleted: use it
+    only as ``state, metrics = train_step_donated(state, batch)``; reading the old state (or
+    anything sharing its arrays) afterwards raises "Array has been deleted". ``train_step`` is
+    the safe default when old states are kept (e.g. for checkpoints or comparisons).
+    """
+    return _step(state, batch, criterion, in_place=True)
+
+
 def _after_gradients(grads: Any, params: Any) -> Any:
     """``params``, bit for bit, but data-dependent on every gradient.
 
     Why: XLA may only update a parameter in place (donated step, ``lax.scan`` carry) once
     every read of its old value is done, and it cannot see that the backward pass's reads
     (e.g. fc1's kernel in ``dy @ W.T``) come before the optimizer's write; it then copies fc1's
-    25 MB kernel first, every step (measured: 2x slower at batch 1). Every such read feeds a
+    25 MB kernel first, every step (measured: up to 2x slower at batch 1). Every such read feeds a
     gradient, so depending on all gradients orders them. ``zero`` is exactly +0.0 for any
     gradient value (NaN and inf included), and ``p - (+0.0)`` is ``p`` for every float,
     including -0.0 and NaN.
@@ -130,19 +147,8 @@ def _after_gradients(grads: Any, params: Any) -> Any:
 train_step = jax.jit(_train_step, static_argnames=("criterion",))
 
 train_step_donated = jax.jit(
-    functools.partial(_train_step, in_place=True),
-    static_argnames=("criterion",),
-    donate_argnames=("state",),
+    _train_step_donated, static_argnames=("criterion",), donate_argnames=("state",)
 )
-train_step_donated.__doc__ = """``train_step`` that donates ``state``'s buffers to the new state.
-
-XLA then updates the parameters and optimizer state in place instead of allocating new ones,
-which is faster where the step is bound by memory traffic (small batches: ~6.4 M fc1
-weights, their gradient and momentum). The ``state`` passed in is deleted: use it only as
-``state, metrics = train_step_donated(state, batch)``; reading the old state (or anything
-sharing its arrays) afterwards raises "Array has been deleted". ``train_step`` is the safe
-default when old states are kept (e.g. for checkpoints or comparisons).
-"""
 
 
 def _train_steps(
@@ -165,7 +171,7 @@ def _train_steps(
         )
 
     def body(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        return _train_step(state, batch, criterion, in_place=True)
+        return _step(state, batch, criterion, in_place=True)
 
     return jax.lax.scan(body, state, batches)
 
