@@ -24,6 +24,8 @@ from jaxnet.train import (
     train_and_evaluate,
     train_epoch,
     train_step,
+    train_step_donated,
+    train_steps,
 )
 
 __version__ = "0.1.0"
@@ -50,4 +52,6 @@ __all__ = [
     "train_and_evaluate",
     "train_epoch",
     "train_step",
+    "train_step_donated",
+    "train_steps",
 ]

@@ -140,6 +140,26 @@ def _cmd_features(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from jaxnet.bench import BenchConfig, format_results, run_bench, write_json
+
+    cfg = BenchConfig(
+        batch_sizes=args.batch_sizes,
+        warmup=args.warmup,
+        reps=args.reps,
+        min_rep_s=args.min_rep_s,
+        scan_steps=args.scan_steps,
+        torch=not args.no_torch,
+        torch_compile=not args.no_torch_compile,
+        dtype=args.dtype,
+    )
+    results = run_bench(cfg)
+    print(format_results(results))
+    if args.json:
+        write_json(results, args.json)
+        print(f"results written to {args.json}")
     return 0
 
 
@@ -229,6 +249,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--out", default=None, help="default: <workdir>/features.png")
     p.set_defaults(func=_cmd_features)
+
+    def batch_sizes(text: str) -> tuple[int, ...]:
+        from jaxnet.bench import parse_batch_sizes  # imports jax: only when benchmarking
+
+        try:
+            return parse_batch_sizes(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    p = sub.add_parser("bench", help="time train_step against PyTorch eager and torch.compile")
+    p.add_argument(
+        "--batch-sizes",
+        type=batch_sizes,
+        default="1,8,32,128,256,1024",
+        help="comma-separated, default 1,8,32,128,256,1024",
+    )
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
+    p.add_argument("--min-rep-s", type=float, default=0.2, help="seconds per repetition")
+    p.add_argument("--scan-steps", type=int, default=8, help="batches per train_steps call")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--no-torch", action="store_true", help="time jaxnet only")
+    p.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -12,7 +13,14 @@ import jax.numpy as jnp
 
 from jaxnet.convert import IMAGE_SIZE, IN_CHANNELS, check_nhwc_images
 
-__all__ = ["Net", "summary", "torch_bias_init", "torch_kernel_init"]
+__all__ = [
+    "Conv3x3ReLU",
+    "Net",
+    "conv3x3_relu",
+    "summary",
+    "torch_bias_init",
+    "torch_kernel_init",
+]
 
 Initializer = Callable[..., jax.Array]
 
@@ -34,6 +42,107 @@ def torch_bias_init(fan_in: int) -> Initializer:
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
+
+
+_CONV_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv3x3_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_CONV_DIMS)
+
+
+def _conv3x3_shifted(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    # A VALID 3x3 convolution as 9*C shifted slices of x, each times one row of the kernel,
+    # summed: XLA:CPU fuses it into one elementwise loop with the bias and the ReLU.
+    ho, wo = x.shape[1] - 2, x.shape[2] - 2
+    terms = (
+        x[:, i : i + ho, j : j + wo, c : c + 1] * kernel[i, j, c]
+        for i in range(3)
+        for j in range(3)
+        for c in range(x.shape[-1])
+    )
+    return functools.reduce(jnp.add, terms)
+
+
+def _conv3x3_dkernel(x: jax.Array, g: jax.Array) -> jax.Array:
+    # dL/dkernel[i, j, c, o] = sum_{n,h,w} x[n, h+i, w+j, c] g[n, h, w, o]: a convolution of x
+    # by g with the batch as the contracted feature axis. Written out (rather than left to
+    # autodiff) so XLA:CPU gets these layouts everywhere: inside a lax.scan body it otherwise
+    # keeps NHWC and runs this convolution ~10x slower.
+    dk = jax.lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0),
+        g.transpose(1, 2, 0, 3),
+        (1, 1),
+        "VALID",
+        dimension_numbers=_CONV_DIMS,
+    )
+    return dk.transpose(1, 2, 0, 3)
+
+
+def _conv3x3_dinput(g: jax.Array, kernel: jax.Array) -> jax.Array:
+    # The transposed convolution: g padded by 2, correlated with the flipped, I/O-swapped kernel.
+    k = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    return jax.lax.conv_general_dilated(
+        g, k, (1, 1), ((2, 2), (2, 2)), dimension_numbers=_CONV_DIMS
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def conv3x3_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array, shifted: bool) -> jax.Array:
+    """``relu(conv(x, kernel) + bias)``: a VALID, stride-1 3x3 convolution, NHWC/HWIO.
+
+    ``x`` ``(N, H, W, C)``, ``kernel`` ``(3, 3, C, O)``, ``bias`` ``(O,)`` -> ``(N, H-2, W-2, O)``.
+    Equal to ``nn.Conv(O, (3, 3), padding="VALID")`` then ``nn.relu`` up to float32 round-off.
+
+    ``shifted=True`` computes the forward pass as a fused sum of 9*C shifted slices, ~15x
+    faster than XLA:CPU's convolution for C=1 (conv1) at batch 256; for larger C it loses,
+    because XLA fuses the sum again into each consumer of the output. The backward pass is
+    written out as two convolutions (input and kernel gradients) in the layouts XLA:CPU runs
+    fastest, also inside ``lax.scan``.
+    """
+    z = _conv3x3_shifted(x, kernel) if shifted else _conv3x3_xla(x, kernel)
+    return jax.nn.relu(z + bias)
+
+
+def _conv3x3_relu_fwd(x, kernel, bias, shifted):
+    y = conv3x3_relu(x, kernel, bias, shifted)
+    return y, (x, kernel, y)
+
+
+def _conv3x3_relu_bwd(shifted, res, dy):
+    del shifted
+    x, kernel, y = res
+    # relu'(0) = 0, as in jax.nn.relu's and torch's backward.
+    g = jnp.where(y > 0, dy, jnp.zeros_like(dy))
+    return _conv3x3_dinput(g, kernel), _conv3x3_dkernel(x, g), jnp.sum(g, axis=(0, 1, 2))
+
+
+conv3x3_relu.defvjp(_conv3x3_relu_fwd, _conv3x3_relu_bwd)
+
+
+class Conv3x3ReLU(nn.Module):
+    """``nn.Conv(features, (3, 3), padding="VALID")`` then ReLU, with ``nn.Conv``'s parameters
+    (``kernel`` HWIO ``(3, 3, C, features)``, ``bias`` ``(features,)``), initialisers (same
+    names, so the same random draws) and dtype promotion.
+
+    Computed by ``conv3x3_relu``; ``shifted``: its forward pass as a sum of shifted slices
+    (fast for few input channels). The numbers agree to float32 round-off either way.
+    """
+
+    features: int
+    shifted: bool = False
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros_init()
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (3, 3, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return conv3x3_relu(x, kernel, bias, self.shifted)
 
 
 class Net(nn.Module):
@@ -69,11 +178,11 @@ class Net(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         check_nhwc_images(x)
         common = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        conv = {"kernel_size": (3, 3), "padding": "VALID", **common}
-        x = nn.Conv(6, name="conv1", **conv, **self._inits(3 * 3 * IN_CHANNELS))(x)
-        x = nn.relu(x)
-        x = nn.Conv(16, name="conv2", **conv, **self._inits(3 * 3 * 6))(x)
-        x = nn.relu(x)
+        # Conv3x3ReLU: nn.Conv's parameters and numbers; conv1 (one input channel) in the form
+        # XLA:CPU runs fastest.
+        inits1, inits2 = self._inits(3 * 3 * IN_CHANNELS), self._inits(3 * 3 * 6)
+        x = Conv3x3ReLU(6, shifted=True, name="conv1", **common, **inits1)(x)
+        x = Conv3x3ReLU(16, name="conv2", **common, **inits2)(x)
         # H,W,C flatten order; the conversion module permutes fc1's rows to match torch's C,H,W.
         x = x.reshape(x.shape[0], -1)
         x = nn.Dense(512, name="fc1", **common, **self._inits(x.shape[-1]))(x)

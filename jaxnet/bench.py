@@ -1,0 +1,552 @@
+"""Training-step benchmark: jaxnet against PyTorch (eager and ``torch.compile``), same run.
+
+Everything is measured in one process on the same data, with the repetitions of all variants
+interleaved (variant A, B, C, A, B, C, ...), so that load from other processes hits every
+variant alike and the *ratios* stay meaningful on a busy machine; absolute figures do not.
+
+Variants per batch size (PyTorch ones only when torch is installed):
+
+* ``jax_step``: ``jaxnet.train_step`` (the default, non-donating step);
+* ``jax_donated``: ``jaxnet.train_step_donated`` (updates the state in place);
+* ``jax_scan``: ``jaxnet.train_steps`` over a stack of ``scan_steps`` batches, per step;
+* ``jax_eval``: ``jaxnet.eval_step`` (forward, loss, accuracy);
+* ``torch_step``: ``zero_grad(); cross_entropy(net(x), y).backward(); opt.step()`` with
+  ``torch.optim.SGD(lr, momentum=0.9)``; ``torch_eval``: its forward and loss under
+  ``no_grad``;
+* ``compile_step``: the same step with ``torch.compile(net)``, skipped with the reason printed
+  if compiling fails here.
+
+FLOPs are counted analytically (``net_flops``: multiply-adds of the convolutions and dense
+layers as 2 FLOPs, backward = 2x forward except conv1's unneeded input gradient; bias, ReLU,
+loss and optimizer work not counted). The matmul peak is the median rate of a large float32
+``jnp`` matmul measured in the same run. Peak memory on CPU is the growth of the process' peak
+resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) over the variant's
+first calls: a lower bound, since allocators reuse memory freed by earlier variants; on GPU it
+is the framework's device allocator peak. For jaxnet, XLA's buffer assignment of the compiled
+step (arguments + outputs + temporaries - donated) is reported too: exact, and comparable
+across machines.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "BenchConfig",
+    "format_results",
+    "matmul_peak_gflops",
+    "net_flops",
+    "run_bench",
+    "write_json",
+]
+
+DEFAULT_BATCH_SIZES = (1, 8, 32, 128, 256, 1024)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run. Times are per repetition; a repetition runs enough steps to last
+    ``min_rep_s`` (at least one)."""
+
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    warmup: int = 2
+    reps: int = 7
+    min_rep_s: float = 0.2
+    scan_steps: int = 8
+    torch: bool = True
+    torch_compile: bool = True
+    dtype: str = "float32"  # or "bfloat16": Net(dtype=bfloat16) / torch.autocast(bfloat16)
+    lr: float = 0.001
+    momentum: float = 0.9
+    seed: int = 0
+    variants: tuple[str, ...] = field(default=())  # empty: all available
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be positive integers, got {self.batch_sizes}.")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}.")
+        if self.reps < 1 or self.warmup < 0 or self.scan_steps < 1:
+            raise ValueError("reps and scan_steps must be >= 1 and warmup >= 0.")
+
+
+def net_flops(batch_size: int, num_classes: int = 2, train: bool = True) -> int:
+    """FLOPs of the tutorial ``Net`` on ``batch_size`` images, counted analytically.
+
+    Forward: 2 FLOPs per multiply-add of conv1 (30*30*6 outputs x 9), conv2 (28*28*16 x 54),
+    fc1 (12544 x 512), fc2 (512 x 64) and fc3 (64 x num_classes). ``train=True`` adds the
+    backward pass: the weight gradient and the input gradient of each layer (2x its forward),
+    except conv1's input gradient, which training does not need. Elementwise work is ignored.
+    """
+    conv1 = 2 * 30 * 30 * 6 * 9
+    conv2 = 2 * 28 * 28 * 16 * 54
+    dense = 2 * (12544 * 512 + 512 * 64 + 64 * num_classes)
+    forward = conv1 + conv2 + dense
+    total = 3 * forward - conv1 if train else forward
+    return batch_size * total
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() != "cpu"
+
+
+def matmul_peak_gflops(n: int | None = None, reps: int = 5) -> float:
+    """Median GFLOP/s of an ``n x n`` float32 ``jnp`` matmul (n: 2048 on CPU, 8192 on GPU)."""
+    n = n or (8192 if _on_gpu() else 2048)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest"))
+    matmul(a, a).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def _read_hwm_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _read_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class _Memory:
+    """Peak memory growth while running some calls: device allocator peak on GPU, process
+    peak RSS on CPU (Linux only; ``None`` elsewhere)."""
+
+    def __init__(self, framework: str) -> None:
+        self.framework = framework
+        self.start: int | None = None
+
+    def __enter__(self) -> _Memory:
+        gc.collect()
+        if _on_gpu() and self.framework == "jax":
+            stats = jax.devices()[0].memory_stats() or {}
+            self.start = stats.get("bytes_in_use")
+        elif self.framework == "torch" and _torch_device() == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current RSS
+                self.start = _read_rss_bytes()
+            except OSError:
+                self.start = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def peak_mb(self) -> float | None:
+        if self.start is None:
+            return None
+        if _on_gpu() and self.framework == "jax":
+            peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+        elif self.framework == "torch" and _torch_device() == "cuda":
+            import torch
+
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _read_hwm_bytes()
+        return None if peak is None else max(peak - self.start, 0) / 2**20
+
+
+def _torch_device() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class _Variant:
+    name: str
+    framework: str  # "jax" or "torch"
+    run: Callable[[], Any]  # one step (or one scan of scan_steps steps); returns a waitable
+    sync: Callable[[Any], None]
+    steps_per_call: int = 1
+    calls_per_rep: int = 1
+    compile_s: float = math.nan
+    peak_mb: float | None = None
+    xla_memory: Callable[[], float | None] | None = None  # jax: XLA's own figure, in MB
+    xla_mb: float | None = None
+    times: list[float] = field(default_factory=list)
+
+
+def _jax_sync(out: Any) -> None:
+    jax.block_until_ready(out)
+
+
+def _jax_variants(cfg: BenchConfig, params: Any, x: np.ndarray, y: np.ndarray) -> list[_Variant]:
+    import jaxnet
+
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else None
+    net = jaxnet.Net(dtype=dtype)
+    tx = jaxnet.optim.sgd(cfg.lr, momentum=cfg.momentum)
+    xb, yb = jnp.asarray(x), jnp.asarray(y)
+    # Each variant owns its state: the donated one deletes the state it is given.
+    new_state = lambda: jaxnet.create_train_state(  # noqa: E731
+        None, net, tx, jax.tree.map(jnp.array, params)
+    )
+    out: list[_Variant] = []
+
+    def variant(name: str, step: Callable[..., Any], batch: Any, steps: int = 1) -> _Variant:
+        box = [new_state()]
+
+        def run() -> Any:
+            box[0], metrics = step(box[0], batch)
+            return metrics["loss"]
+
+        return _Variant(
+            name,
+            "jax",
+            run,
+            _jax_sync,
+            steps_per_call=steps,
+            xla_memory=lambda: _xla_peak_mb(step, box[0], batch),
+        )
+
+    stack = (jnp.stack([xb] * cfg.scan_steps), jnp.stack([yb] * cfg.scan_steps))
+    out.append(variant("jax_step", jaxnet.train_step, (xb, yb)))
+    out.append(variant("jax_donated", jaxnet.train_step_donated, (xb, yb)))
+    out.append(variant("jax_scan", jaxnet.train_steps, stack, cfg.scan_steps))
+    eval_state = new_state()
+    out.append(
+        _Variant(
+            "jax_eval",
+            "jax",
+            lambda: jaxnet.eval_step(eval_state, (xb, yb))["loss"],
+            _jax_sync,
+            xla_memory=lambda: _xla_peak_mb(jaxnet.eval_step, eval_state, (xb, yb)),
+        )
+    )
+    return out
+
+
+def _xla_peak_mb(fn: Any, *args: Any) -> float | None:
+    """XLA's buffer assignment for one call: arguments + outputs + temporaries - aliased."""
+    try:
+        m = fn.lower(*args).compile().memory_analysis()
+        total = (
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            + m.temp_size_in_bytes
+            - m.alias_size_in_bytes
+        )
+    except Exception:  # not every backend reports it
+        return None
+    return total / 2**20
+
+
+def _torch_variants(
+    cfg: BenchConfig, state_dict: Any, x: np.ndarray, y: np.ndarray, log: Callable[[str], None]
+) -> list[_Variant]:
+    import torch
+    import torch.nn.functional as F
+
+    from jaxnet.convert import nhwc_to_nchw
+    from jaxnet.torch_reference import TorchNet
+
+    device = _torch_device()
+    if device == "cuda":  # a float32 comparison: no TF32 (jax is asked for "highest" too)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    # .copy(): fresh NCHW strides (a transposed view with C=1 would look channels_last to torch)
+    xt = torch.from_numpy(nhwc_to_nchw(x).copy()).to(device)
+    yt = torch.from_numpy(y.astype(np.int64)).to(device)
+    autocast = (
+        torch.autocast(device_type=device, dtype=torch.bfloat16)
+        if cfg.dtype == "bfloat16"
+        else torch.autocast(device_type=device, enabled=False)
+    )
+
+    def sync(out: Any) -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def make_step(compiled: bool) -> Callable[[], Any]:
+        net = TorchNet().to(device)
+        net.load_state_dict(state_dict)
+        model = torch.compile(net) if compiled else net
+        opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+
+        def run() -> Any:
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = F.cross_entropy(model(xt).float(), yt)
+            loss.backward()
+            opt.step()
+            return loss
+
+        return run
+
+    eval_net = TorchNet().to(device)
+    eval_net.load_state_dict(state_dict)
+
+    def run_eval() -> Any:
+        with torch.no_grad(), autocast:
+            return F.cross_entropy(eval_net(xt).float(), yt)
+
+    out = [
+        _Variant("torch_step", "torch", make_step(False), sync),
+        _Variant("torch_eval", "torch", run_eval, sync),
+    ]
+    if cfg.torch_compile:
+        out.append(_Variant("compile_step", "torch", make_step(True), sync))
+    return out
+
+
+def _first_calls(v: _Variant, warmup: int, log: Callable[[str], None]) -> float | None:
+    """Time the first call (compilation included), run the warm-up, measure memory.
+    Returns the warm-up's seconds per call, or None if the variant fails (then it is dropped,
+    with the reason printed)."""
+    try:
+        with _Memory(v.framework) as mem:
+            t = time.perf_counter()
+            v.sync(v.run())
+            v.compile_s = time.perf_counter() - t
+            t = time.perf_counter()
+            for _ in range(max(warmup, 1)):
+                v.sync(v.run())
+            per_call = (time.perf_counter() - t) / max(warmup, 1)
+        v.peak_mb = mem.peak_mb()
+        if v.xla_memory is not None:
+            v.xla_mb = v.xla_memory()
+    except Exception as e:  # report and skip: e.g. torch.compile without a working compiler
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        log(f"  skipping {v.name}: {type(e).__name__}: {first}")
+        return None
+    return per_call
+
+
+def _bench_batch(
+    cfg: BenchConfig, batch_size: int, params: Any, state_dict: Any, log: Callable[[str], None]
+) -> dict[str, Any]:
+    rng = np.random.default_rng(cfg.seed + batch_size)
+    x = rng.standard_normal((batch_size, 32, 32, 1), dtype=np.float32)
+    y = rng.integers(0, 2, batch_size).astype(np.int32)
+    variants = _jax_variants(cfg, params, x, y)
+    if cfg.torch:
+        variants += _torch_variants(cfg, state_dict, x, y, log)
+    if cfg.variants:
+        variants = [v for v in variants if v.name in cfg.variants]
+    kept = []
+    for v in variants:
+        per_call = _first_calls(v, cfg.warmup, log)
+        if per_call is not None:
+            v.calls_per_rep = max(1, math.ceil(cfg.min_rep_s / max(per_call, 1e-9)))
+            kept.append(v)
+    variants = kept
+    for _ in range(cfg.reps):  # interleaved: noise from other processes hits all variants
+        for v in variants:
+            t = time.perf_counter()
+            for _ in range(v.calls_per_rep):
+                out = v.run()
+            v.sync(out)
+            v.times.append((time.perf_counter() - t) / (v.calls_per_rep * v.steps_per_call))
+    flops = net_flops(batch_size)
+    eval_flops = net_flops(batch_size, train=False)
+    result: dict[str, Any] = {"batch_size": batch_size, "variants": {}}
+    for v in variants:
+        step_s = statistics.median(v.times)
+        f = eval_flops if v.name.endswith("_eval") else flops
+        result["variants"][v.name] = {
+            "median_step_s": step_s,
+            "min_step_s": min(v.times),
+            "steps_per_s": 1.0 / step_s,
+            "samples_per_s": batch_size / step_s,
+            "gflops_per_s": f / step_s / 1e9,
+            "first_call_s": v.compile_s,
+            "peak_mb": v.peak_mb,  # process RSS growth (CPU) / allocator peak (GPU)
+            "xla_buffers_mb": v.xla_mb,  # jax only: XLA's buffer assignment for one call
+            "reps": len(v.times),
+            "steps_per_rep": v.calls_per_rep * v.steps_per_call,
+        }
+    return result
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark; returns a JSON-able dict (``machine``, ``config``, ``batches``)."""
+    import jaxnet
+
+    torch_ok = cfg.torch
+    state_dict: Any = None
+    if cfg.torch:
+        try:
+            import torch
+
+            from jaxnet.torch_reference import make_torch_net
+        except ImportError:
+            log("PyTorch is not installed: timing jaxnet only.")
+            torch_ok = False
+    if torch_ok:
+        state_dict = make_torch_net(cfg.seed).state_dict()
+        params = jaxnet.params_from_torch(state_dict)
+    else:
+        params = jaxnet.Net().init(jax.random.key(cfg.seed), jnp.zeros((1, 32, 32, 1)))["params"]
+    cfg_used = BenchConfig(**{**asdict(cfg), "torch": torch_ok})
+    peak = matmul_peak_gflops()
+    machine = {
+        "jax_backend": jax.default_backend(),
+        "jax_device": str(jax.devices()[0].device_kind),
+        "jax_version": jax.__version__,
+        "cpu_count": os.cpu_count(),
+        "matmul_peak_gflops": peak,
+    }
+    if torch_ok:
+        machine.update(
+            torch_version=torch.__version__,
+            torch_device=_torch_device(),
+            torch_threads=torch.get_num_threads(),
+        )
+    log(f"float32 matmul peak (jnp, same run): {peak:.1f} GFLOP/s on {machine['jax_device']}")
+    batches = []
+    for b in cfg.batch_sizes:
+        log(f"batch {b} ...")
+        r = _bench_batch(cfg_used, int(b), params, state_dict, log)
+        for v in r["variants"].values():
+            v["fraction_of_peak"] = v["gflops_per_s"] / peak
+        batches.append(r)
+    return {"machine": machine, "config": asdict(cfg_used), "batches": batches}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+
+
+def _ratio(r: dict[str, Any], a: str, b: str) -> str:
+    v = r["variants"]
+    if a not in v or b not in v:
+        return "-"
+    return f"{v[b]['median_step_s'] / v[a]['median_step_s']:.2f}x"
+
+
+def _get(r: dict[str, Any], name: str, key: str, fmt: str) -> str:
+    v = r["variants"].get(name)
+    if v is None or v.get(key) is None or (isinstance(v[key], float) and math.isnan(v[key])):
+        return "-"
+    return format(v[key], fmt)
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """Markdown tables: speed and ratios, then FLOP rates, compile times and memory."""
+    m = results["machine"]
+    lines = [
+        f"jax {m['jax_version']} on {m['jax_backend']} ({m['jax_device']}), "
+        f"{m['cpu_count']} CPUs; torch {m.get('torch_version', '-')} on "
+        f"{m.get('torch_device', '-')} with {m.get('torch_threads', '-')} threads; "
+        f"float32 matmul peak {m['matmul_peak_gflops']:.1f} GFLOP/s; "
+        f"dtype {results['config']['dtype']}",
+        "",
+        "| batch | jaxnet steps/s | samples/s | torch eager steps/s | jaxnet / torch | "
+        "donated / torch | scan / torch | torch.compile / torch | eval: jaxnet / torch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["batches"]:
+        lines.append(
+            f"| {r['batch_size']} | {_get(r, 'jax_step', 'steps_per_s', '.1f')} "
+            f"| {_get(r, 'jax_step', 'samples_per_s', '.0f')} "
+            f"| {_get(r, 'torch_step', 'steps_per_s', '.1f')} "
+            f"| {_ratio(r, 'jax_step', 'torch_step')} | {_ratio(r, 'jax_donated', 'torch_step')} "
+            f"| {_ratio(r, 'jax_scan', 'torch_step')} | {_ratio(r, 'compile_step', 'torch_step')} "
+            f"| {_ratio(r, 'jax_eval', 'torch_eval')} |"
+        )
+    lines += [
+        "",
+        "| batch | GFLOP/s: step / donated / scan / torch | % of matmul peak: step / donated "
+        "/ scan / torch | first call s: jaxnet / torch.compile | MB: jaxnet XLA buffers / "
+        "peak growth jaxnet / torch |",
+        "|---|---|---|---|---|",
+    ]
+    names = ("jax_step", "jax_donated", "jax_scan", "torch_step")
+    for r in results["batches"]:
+        gf = " / ".join(_get(r, n, "gflops_per_s", ".1f") for n in names)
+        pct = " / ".join(
+            "-" if n not in r["variants"] else f"{100 * r['variants'][n]['fraction_of_peak']:.0f}%"
+            for n in names
+        )
+        first = f"{_get(r, 'jax_step', 'first_call_s', '.2f')} / " + _get(
+            r, "compile_step", "first_call_s", ".1f"
+        )
+        mem = " / ".join(
+            (
+                _get(r, "jax_step", "xla_buffers_mb", ".0f"),
+                _get(r, "jax_step", "peak_mb", ".0f"),
+                _get(r, "torch_step", "peak_mb", ".0f"),
+            )
+        )
+        lines.append(f"| {r['batch_size']} | {gf} | {pct} | {first} | {mem} |")
+    return "\n".join(lines)
+
+
+def write_json(results: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``results`` as JSON, atomically (temporary file in the same folder, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``"1,8,32"`` -> ``(1, 8, 32)``, with a clear error for anything else."""
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--batch-sizes takes comma-separated integers, got {text!r}.") from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--batch-sizes takes positive integers, got {text!r}.")
+    return sizes
+
+
+def main(args: Sequence[str] | None = None) -> int:  # pragma: no cover - thin wrapper
+    from jaxnet.cli import main as cli_main
+
+    return cli_main(["bench", *(args or [])])
