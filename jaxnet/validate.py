@@ -884,8 +884,8 @@ def _check_batch(images: Any, labels: Any, num_classes: int, step: int) -> None:
 def parse_options(items: Sequence[str] | None) -> dict[str, Any]:
     """``["lr=0.01", "betas=0.9,0.999", "nesterov=true"]`` -> ``{"lr": 0.01, ...}``.
 
-    Values are Python literals (numbers, tuples, lists); ``true``/``false``/``none`` in any
-    case are accepted; anything else stays a string.
+    Values are Python literals (numbers, tuples, lists, ``None``); ``true``/``false`` in any
+    case are accepted; anything else stays a string (``reduction=none`` is ``"none"``).
     """
     import ast
 
@@ -895,8 +895,8 @@ def parse_options(items: Sequence[str] | None) -> dict[str, Any]:
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise ValueError(f"option {item!r} is not KEY=VALUE (e.g. lr=0.01).")
-        text = {"true": "True", "false": "False", "none": "None"}.get(raw.strip().lower(),
-                                                                      raw.strip())
+        # "none" stays a string: it is a value of torch's reduction=.
+        text = {"true": "True", "false": "False"}.get(raw.strip().lower(), raw.strip())
         try:
             out[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
