@@ -3,7 +3,7 @@
 ``jaxnet.torch_reference`` (the PyTorch original) is imported only on request and needs torch.
 """
 
-from jaxnet import losses, optim
+from jaxnet import losses, optim, schedules
 from jaxnet.convert import (
     WeightFileError,
     check_nhwc_images,
@@ -14,6 +14,7 @@ from jaxnet.convert import (
 )
 from jaxnet.model import Net, summary
 from jaxnet.train import TrainState, create_train_state, eval_step, loss_fn, train_step
+from jaxnet.validation import validate
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,8 @@ __all__ = [
     "optim",
     "params_from_torch",
     "params_to_torch",
+    "schedules",
     "summary",
     "train_step",
+    "validate",
 ]

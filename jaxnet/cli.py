@@ -34,7 +34,7 @@ def _cmd_tutorial(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from jaxnet.validate import parse_options, validate
+    from jaxnet.validation import parse_options, validate
 
     console = Console(stderr=False)
     try:

