@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01)
     p.set_defaults(func=_cmd_tutorial)
 
+    from jaxnet.validation import DEFAULT_DRIFT_FACTOR, DEFAULT_STEP_FACTOR
+
     p = sub.add_parser(
         "validate",
         help="train jaxnet and PyTorch side by side and judge the difference against the "
@@ -99,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scheduler argument, e.g. T_max=100 (repeatable)")
     p.add_argument("--steps-per-epoch", type=int, default=1,
                    help="step the schedule every N batches (default 1: every batch)")
-    p.add_argument("--drift-factor", type=float, default=4.0,
+    p.add_argument("--drift-factor", type=float, default=DEFAULT_DRIFT_FACTOR,
                    help="fail when drift from float64 exceeds this many noise floors")
-    p.add_argument("--step-factor", type=float, default=4.0,
+    p.add_argument("--step-factor", type=float, default=DEFAULT_STEP_FACTOR,
                    help="fail when the first step exceeds this many float32 round-offs")
     p.add_argument("--device", default="auto", help="torch device: auto, cpu or cuda")
     p.add_argument("--torch-threads", type=int, help="torch CPU threads (1 on a busy CPU)")

@@ -619,12 +619,12 @@ class Report:
         console.print(
             "Δ: max |jaxnet - PyTorch float32| (outputs, loss, all gradients, all parameters). "
             "drift: |θ_jax - θ_f64| / |θ_f64| over all parameters; floor: the same for PyTorch "
-            "float32 (float32 noise alone); ratio = drift / floor.", style="dim"
+            "float32 (float32 noise alone); ratio = drift / floor.", style="dim", markup=False
         )
         for line in self.verdict_lines():
             style = "bold green" if "OK" in line[-3:] or "equal to PyTorch within" in line else (
                 "bold red")
-            console.print(line, style=style)
+            console.print(line, style=style, markup=False)
         console.print(f"{self.seconds:.1f} s", style="dim")
 
     def save_json(self, path: PathLike) -> None:
