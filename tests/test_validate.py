@@ -60,7 +60,7 @@ def test_a_wrong_first_step_fails(monkeypatch) -> None:
     monkeypatch.setitem(optim.OPTIMIZERS, "sgd", _off_by(1.001))
     r = validate(steps=2, optimizer="sgd", optimizer_options={"lr": 0.01}, **FAST)
     assert not r.first_step_ok and r.exit_code == 1
-    assert r.first_step_worst.startswith("params")
+    assert r.first_step_worst.startswith("update")
 
 
 def test_a_drift_that_grows_fails_although_the_first_step_agrees(monkeypatch) -> None:
