@@ -756,7 +756,7 @@ def _pick_device(device: str) -> Any:
     import torch
 
     if device == "auto":
-        on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+        on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm") and torch.cuda.is_available()
         device = "cuda" if on_gpu else "cpu"
     return torch.device(device)
 

@@ -108,6 +108,14 @@ def test_cli_bad_input_exits_2_with_the_reason(args, message, capsys) -> None:
     assert message in capsys.readouterr().err
 
 
+def test_per_epoch_schedule_steps_with_torchs_scheduler() -> None:
+    r = validate(steps=5, optimizer="sgd", optimizer_options={"lr": 0.01, "momentum": 0.9},
+                 schedule="step_lr", schedule_options={"step_size": 1, "gamma": 0.5},
+                 steps_per_epoch=2, **FAST)
+    assert [rec["lr"] for rec in r.records] == pytest.approx([0.01, 0.01, 0.005, 0.005, 0.0025])
+    assert r.passed, r.verdict_lines()
+
+
 def test_start_from_a_weight_file(tmp_path) -> None:
     from safetensors.torch import save_file
 
