@@ -3,7 +3,7 @@
 ``jaxnet.torch_reference`` (the PyTorch original) is imported only on request and needs torch.
 """
 
-from jaxnet import data, losses, optim
+from jaxnet import data, losses, optim, schedules
 from jaxnet.convert import (
     WeightFileError,
     check_nhwc_images,
@@ -27,6 +27,7 @@ from jaxnet.train import (
     train_step_donated,
     train_steps,
 )
+from jaxnet.validation import validate
 
 __version__ = "0.1.0"
 
@@ -48,10 +49,12 @@ __all__ = [
     "params_from_torch",
     "params_to_torch",
     "per_example_grad_norms",
+    "schedules",
     "summary",
     "train_and_evaluate",
     "train_epoch",
     "train_step",
     "train_step_donated",
     "train_steps",
+    "validate",
 ]

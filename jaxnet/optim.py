@@ -5,15 +5,54 @@ no equivalent, each saying which torch behaviour it reproduces.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["ScalarOrSchedule", "sgd", "torch_dampened_momentum"]
+__all__ = [
+    "OPTIMIZERS",
+    "ScalarOrSchedule",
+    "adam",
+    "adamw",
+    "rmsprop",
+    "scale_by_torch_adam",
+    "sgd",
+    "torch_dampened_momentum",
+]
 
 ScalarOrSchedule = float | optax.Schedule
+"""A constant, or an optax schedule ``count -> value`` evaluated at every step (count from 0)."""
+
+
+def _with_schedules(
+    factory: Callable[..., optax.GradientTransformation],
+    static_args: tuple[str, ...] = (),
+    **hyperparams: Any,
+) -> optax.GradientTransformation:
+    """``factory(**hyperparams)``; when a hyperparameter is a schedule, wrapped by
+    ``optax.inject_hyperparams`` so that step ``k`` uses ``schedule(k)``, as torch's schedulers
+    set ``param_group[name]`` before step ``k`` (used for OneCycleLR's momentum/beta1 cycling).
+    """
+    if any(callable(v) for k, v in hyperparams.items() if k not in static_args):
+        return optax.inject_hyperparams(factory, static_args=static_args)(**hyperparams)
+    return factory(**hyperparams)
+
+
+def _check_lr(lr: ScalarOrSchedule) -> None:
+    if not callable(lr) and not lr >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def _check_range(name: str, value: Any, low: float, high: float | None = None) -> None:
+    """torch's argument checks (``0 <= value`` or ``0 <= value < high``); schedules pass."""
+    if callable(value):
+        return
+    if not low <= value or (high is not None and not value < high):
+        raise ValueError(f"Invalid {name}: {value}")
 
 
 class DampenedMomentumState(NamedTuple):
@@ -75,16 +114,14 @@ def sgd(
         g = g + momentum * buf if nesterov else buf  (when momentum != 0)
         p = p - lr * g
 
-    ``lr`` may be an optax schedule ``step -> lr``. Raises ``ValueError`` for the combinations
+    ``lr`` and ``momentum`` may be optax schedules ``step -> value`` (``momentum`` for
+    ``jaxnet.schedules.one_cycle_lr``'s cycling). Raises ``ValueError`` for the combinations
     torch rejects (negative values; nesterov without momentum or with dampening).
     """
-    if not callable(lr) and lr < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if momentum < 0.0:
-        raise ValueError(f"Invalid momentum value: {momentum}")
-    if weight_decay < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if nesterov and (momentum <= 0 or dampening != 0):
+    _check_lr(lr)
+    _check_range("momentum value", momentum, 0.0)
+    _check_range("weight_decay value", weight_decay, 0.0)
+    if nesterov and ((not callable(momentum) and momentum <= 0) or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     parts: list[optax.GradientTransformation] = []
@@ -94,8 +131,220 @@ def sgd(
         parts.append(optax.add_decayed_weights(weight_decay))
     if momentum != 0:
         if dampening == 0:
-            parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+            parts.append(
+                _with_schedules(optax.trace, ("nesterov",), decay=momentum, nesterov=nesterov)
+            )
         else:
-            parts.append(torch_dampened_momentum(momentum, dampening, nesterov))
+            parts.append(
+                _with_schedules(
+                    torch_dampened_momentum,
+                    ("nesterov",),
+                    momentum=momentum,
+                    dampening=dampening,
+                    nesterov=nesterov,
+                )
+            )
     parts.append(optax.scale_by_learning_rate(lr))
     return optax.chain(*parts)
+
+
+class ScaleByTorchAdamState(NamedTuple):
+    """torch.optim.Adam's per-parameter state: ``step``, ``exp_avg``, ``exp_avg_sq`` and
+    ``max_exp_avg_sq`` (AMSGrad only; ``None`` otherwise)."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+    nu_max: Any
+
+
+def _torch_bias_correction(beta: Any, count: jax.Array) -> jax.Array:
+    """``1 - beta**count`` to float32 accuracy of torch's float64 Python-float value.
+
+    optax computes ``1 - beta**count`` in float32 from ``beta`` rounded to float32: for
+    ``beta2 = 0.999`` that is 0.99900001 and ``1 - beta2`` is off by 1.3e-5 relative, which
+    moves every early Adam update by ~6e-6 relative, far above float32 round-off. Here
+    ``log(beta)`` is taken in float64 (Python) for constant betas and the power is formed as
+    ``-expm1(count * log(beta))``, which loses nothing to cancellation.
+    """
+    if isinstance(beta, int | float):
+        log_beta = math.log(beta) if beta > 0 else -math.inf
+        return -jnp.expm1(count.astype(jnp.float32) * jnp.float32(log_beta))
+    beta = jnp.asarray(beta, jnp.float32)  # a scheduled beta1 (OneCycleLR) is float32 already
+    return 1.0 - beta ** count.astype(jnp.float32)
+
+
+def scale_by_torch_adam(
+    b1: Any = 0.9, b2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False
+) -> optax.GradientTransformation:
+    """The direction of ``torch.optim.Adam``'s step, before the learning rate.
+
+    With ``m``, ``v`` the running moments (``m = b1*m + (1-b1)*g``, ``v = b2*v + (1-b2)*g**2``)
+    at step ``t`` (from 1)::
+
+        v_used = max(v_used, v) if amsgrad else v
+        out = (m / (1 - b1**t)) / (sqrt(v_used) / sqrt(1 - b2**t) + eps)
+
+    A custom transform because optax differs from torch in two ways this reproduces:
+
+    * torch's AMSGrad keeps the maximum of the *raw* second moment and divides it by the
+      *current* bias correction; ``optax.scale_by_amsgrad`` keeps the maximum of the
+      bias-corrected moment, which differs whenever the maximum is an earlier step's;
+    * torch's bias corrections are float64 Python floats (see ``_torch_bias_correction``).
+
+    ``eps`` is outside the square root (optax ``eps_root=0``). ``b1`` may be a scalar array
+    (injected by ``optax.inject_hyperparams`` for OneCycleLR's beta1 cycling).
+    """
+
+    def init_fn(params: Any) -> ScaleByTorchAdamState:
+        zeros = optax.tree.zeros_like(params)
+        return ScaleByTorchAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=zeros,
+            nu=optax.tree.zeros_like(params),
+            nu_max=optax.tree.zeros_like(params) if amsgrad else None,
+        )
+
+    def update_fn(updates: Any, state: ScaleByTorchAdamState, params: Any = None):
+        del params
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        count = optax.safe_increment(state.count)
+        nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu) if amsgrad else None
+        bc1 = _torch_bias_correction(b1, count)
+        bc2_sqrt = jnp.sqrt(_torch_bias_correction(b2, count))
+        out = jax.tree.map(
+            lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v) / bc2_sqrt.astype(v.dtype) + eps),
+            mu,
+            nu_max if amsgrad else nu,
+        )
+        return out, ScaleByTorchAdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adam(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[ScalarOrSchedule, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+) -> optax.GradientTransformation:
+    """``torch.optim.Adam``.
+
+    Per parameter ``p`` with gradient ``g`` at step ``t`` (from 1)::
+
+        g = -g                                     if maximize
+        g = g + weight_decay * p                   (L2, unless decoupled_weight_decay)
+        p = p * (1 - lr * weight_decay)            (if decoupled_weight_decay: AdamW)
+        m = b1 * m + (1 - b1) * g;  v = b2 * v + (1 - b2) * g**2
+        v_max = max(v_max, v)                      if amsgrad (raw v, see scale_by_torch_adam)
+        p = p - lr / (1 - b1**t) * m / (sqrt(v or v_max) / sqrt(1 - b2**t) + eps)
+
+    ``lr`` and ``betas[0]`` may be schedules (``betas[0]`` for OneCycleLR's beta1 cycling).
+    Raises ``ValueError`` where torch does (negative lr/eps/weight_decay, betas outside [0, 1)).
+    """
+    b1, b2 = betas
+    _check_lr(lr)
+    _check_range("epsilon value", eps, 0.0)
+    _check_range("beta parameter at index 0", b1, 0.0, 1.0)
+    _check_range("beta parameter at index 1", b2, 0.0, 1.0)
+    _check_range("weight_decay value", weight_decay, 0.0)
+    if callable(b2):
+        raise ValueError("adam: betas[1] cannot be a schedule (torch's OneCycleLR cycles beta1).")
+
+    parts: list[optax.GradientTransformation] = []
+    if maximize:
+        parts.append(optax.scale(-1.0))
+    if weight_decay != 0 and not decoupled_weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(
+        _with_schedules(
+            scale_by_torch_adam, ("b2", "eps", "amsgrad"), b1=b1, b2=b2, eps=eps, amsgrad=amsgrad
+        )
+    )
+    if weight_decay != 0 and decoupled_weight_decay:
+        # torch: p *= 1 - lr * wd before the Adam step; optax: update -= lr * wd * p. Same sum.
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(optax.scale_by_learning_rate(lr))
+    return optax.chain(*parts)
+
+
+def adamw(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[ScalarOrSchedule, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+    """``torch.optim.AdamW``: ``adam`` with decoupled weight decay ``p *= 1 - lr * wd``.
+
+    torch's default ``weight_decay`` is 1e-2 (``optax.adamw``'s is 1e-4).
+    """
+    return adam(
+        lr,
+        betas,
+        eps,
+        weight_decay,
+        amsgrad,
+        maximize=maximize,
+        decoupled_weight_decay=True,
+    )
+
+
+def rmsprop(
+    lr: ScalarOrSchedule = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: ScalarOrSchedule = 0.0,
+    centered: bool = False,
+    *,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+    """``torch.optim.RMSprop``.
+
+    Per parameter ``p`` with gradient ``g``::
+
+        g = -g                                  if maximize
+        g = g + weight_decay * p
+        v = alpha * v + (1 - alpha) * g**2      (v starts at 0)
+        a = alpha * a + (1 - alpha) * g         (centered only)
+        d = sqrt(v - a**2 if centered else v) + eps   (eps outside the square root)
+        buf = momentum * buf + g / d; p = p - lr * buf   if momentum (or a schedule)
+        p = p - lr * g / d                               otherwise
+
+    Built from optax's ``scale_by_rms``/``scale_by_stddev`` (``initial_scale=0``,
+    ``eps_in_sqrt=False``) and ``trace``. ``lr`` and ``momentum`` may be schedules.
+    """
+    _check_lr(lr)
+    _check_range("epsilon value", eps, 0.0)
+    _check_range("momentum value", momentum, 0.0)
+    _check_range("weight_decay value", weight_decay, 0.0)
+    _check_range("alpha value", alpha, 0.0)
+
+    parts: list[optax.GradientTransformation] = []
+    if maximize:
+        parts.append(optax.scale(-1.0))
+    if weight_decay != 0:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    scale = optax.scale_by_stddev if centered else optax.scale_by_rms
+    parts.append(scale(decay=alpha, eps=eps, initial_scale=0.0, eps_in_sqrt=False))
+    if callable(momentum) or momentum > 0:
+        parts.append(_with_schedules(optax.trace, ("nesterov",), decay=momentum, nesterov=False))
+    parts.append(optax.scale_by_learning_rate(lr))
+    return optax.chain(*parts)
+
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": sgd,
+    "adam": adam,
+    "adamw": adamw,
+    "rmsprop": rmsprop,
+}
+"""jaxnet's optimizers by name; each takes ``torch.optim``'s arguments under the same names."""

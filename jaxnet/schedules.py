@@ -1,0 +1,246 @@
+"""``torch.optim.lr_scheduler``'s schedules as optax schedules ``count -> value``.
+
+Each function takes the scheduler's arguments under torch's names, after the optimizer's base
+learning rate ``lr`` (torch reads it off the optimizer). The returned schedule is evaluated by
+the optimizer at every step ``count = 0, 1, ...``:
+
+* per step (``steps_per_epoch=1``, the default) it equals torch's ``scheduler.step()`` called
+  after every ``optimizer.step()``: step ``k`` uses the value at ``last_epoch = k``;
+* per epoch (``steps_per_epoch=n``) it equals ``scheduler.step()`` after every ``n`` optimizer
+  steps: step ``k`` uses ``last_epoch = k // n``.
+
+torch computes most of these recursively (``lr_t = lr_{t-1} * factor``); here each is the
+closed form of the same recursion, evaluated in float32. The two agree to float32 round-off
+(checked against torch's schedulers in ``tests/test_schedules.py``). Pass a schedule as any
+jaxnet optimizer's ``lr``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "OneCycle",
+    "SCHEDULES",
+    "cosine_annealing_lr",
+    "exponential_lr",
+    "linear_lr",
+    "multi_step_lr",
+    "one_cycle_lr",
+    "step_lr",
+]
+
+
+def _check_steps_per_epoch(steps_per_epoch: int) -> None:
+    if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+        raise ValueError(
+            f"steps_per_epoch must be a positive int (1 = step the schedule every batch), "
+            f"got {steps_per_epoch!r}."
+        )
+
+
+def _epoch(count: jax.Array, steps_per_epoch: int) -> jax.Array:
+    return jnp.asarray(count, jnp.int32) // steps_per_epoch
+
+
+def step_lr(
+    lr: float, step_size: int, gamma: float = 0.1, *, steps_per_epoch: int = 1
+) -> optax.Schedule:
+    """``StepLR``: ``lr * gamma ** (epoch // step_size)``."""
+    _check_steps_per_epoch(steps_per_epoch)
+    if not isinstance(step_size, int) or step_size < 1:
+        raise ValueError(f"step_lr: step_size must be a positive int, got {step_size!r}.")
+
+    def schedule(count: jax.Array) -> jax.Array:
+        e = _epoch(count, steps_per_epoch) // step_size
+        return lr * jnp.float32(gamma) ** e.astype(jnp.float32)
+
+    return schedule
+
+
+def multi_step_lr(
+    lr: float, milestones: Sequence[int], gamma: float = 0.1, *, steps_per_epoch: int = 1
+) -> optax.Schedule:
+    """``MultiStepLR``: ``lr * gamma ** (number of milestones <= epoch)``.
+
+    A milestone listed twice multiplies by ``gamma`` twice, as torch's ``Counter`` does.
+    """
+    _check_steps_per_epoch(steps_per_epoch)
+    ms = sorted(int(m) for m in milestones)
+    table = jnp.asarray(ms if ms else [2**31 - 1], jnp.int32)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        e = _epoch(count, steps_per_epoch)
+        passed = jnp.sum(table <= e) if ms else jnp.int32(0)  # bisect_right(ms, epoch)
+        return lr * jnp.float32(gamma) ** passed.astype(jnp.float32)
+
+    return schedule
+
+
+def exponential_lr(lr: float, gamma: float, *, steps_per_epoch: int = 1) -> optax.Schedule:
+    """``ExponentialLR``: ``lr * gamma ** epoch``."""
+    _check_steps_per_epoch(steps_per_epoch)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        e = _epoch(count, steps_per_epoch).astype(jnp.float32)
+        return lr * jnp.float32(gamma) ** e
+
+    return schedule
+
+
+def cosine_annealing_lr(
+    lr: float, T_max: int, eta_min: float = 0.0, *, steps_per_epoch: int = 1
+) -> optax.Schedule:
+    """``CosineAnnealingLR``: ``eta_min + (lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2``.
+
+    torch's recursive form is this closed form at every epoch, also past ``T_max``, where it
+    keeps oscillating with period ``2 * T_max`` (back up to ``lr``); ``optax.cosine_decay``
+    instead stays at its minimum.
+    """
+    _check_steps_per_epoch(steps_per_epoch)
+    if T_max <= 0:
+        raise ValueError(f"cosine_annealing_lr: T_max must be positive, got {T_max!r}.")
+
+    def schedule(count: jax.Array) -> jax.Array:
+        # Reduce modulo the period in integers first, so the cosine's argument stays small.
+        e = _epoch(count, steps_per_epoch) % (2 * T_max)
+        cos = jnp.cos(jnp.float32(math.pi) * e.astype(jnp.float32) / T_max)
+        return eta_min + (lr - eta_min) * (1.0 + cos) / 2.0
+
+    return schedule
+
+
+def linear_lr(
+    lr: float,
+    start_factor: float = 1.0 / 3,
+    end_factor: float = 1.0,
+    total_iters: int = 5,
+    *,
+    steps_per_epoch: int = 1,
+) -> optax.Schedule:
+    """``LinearLR`` (warm-up): ``lr * factor``, the factor going linearly from ``start_factor``
+    at epoch 0 to ``end_factor`` at ``total_iters``, then constant."""
+    _check_steps_per_epoch(steps_per_epoch)
+    if start_factor > 1.0 or start_factor <= 0:
+        raise ValueError(
+            "Starting multiplicative factor expected to be greater than 0 and less or equal to 1."
+        )
+    if end_factor > 1.0 or end_factor < 0:
+        raise ValueError("Ending multiplicative factor expected to be between 0 and 1.")
+
+    def schedule(count: jax.Array) -> jax.Array:
+        e = jnp.minimum(_epoch(count, steps_per_epoch), total_iters).astype(jnp.float32)
+        frac = e / total_iters if total_iters > 0 else jnp.float32(1.0)
+        return lr * (start_factor + (end_factor - start_factor) * frac)
+
+    return schedule
+
+
+class OneCycle(NamedTuple):
+    """OneCycleLR's two schedules: pass ``lr`` as the optimizer's ``lr`` and ``momentum`` as
+    SGD's/RMSprop's ``momentum`` or as Adam's ``betas[0]`` (``None`` without cycling)."""
+
+    lr: optax.Schedule
+    momentum: optax.Schedule | None
+
+
+def one_cycle_lr(
+    max_lr: float,
+    total_steps: int | None = None,
+    epochs: int | None = None,
+    steps_per_epoch: int | None = None,
+    pct_start: float = 0.3,
+    anneal_strategy: Literal["cos", "linear"] = "cos",
+    cycle_momentum: bool = True,
+    base_momentum: float = 0.85,
+    max_momentum: float = 0.95,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+    three_phase: bool = False,
+) -> OneCycle:
+    """``OneCycleLR``, always stepped per batch, with torch's phase boundaries.
+
+    Phases (``T = total_steps``, or ``epochs * steps_per_epoch``): the learning rate goes from
+    ``max_lr / div_factor`` up to ``max_lr`` at step ``pct_start * T - 1``, then down to
+    ``max_lr / div_factor / final_div_factor`` at step ``T - 1`` (three-phase: back to the
+    initial lr at ``2 * pct_start * T - 2`` first). The momentum (or beta1) runs the other
+    way between ``max_momentum`` and ``base_momentum``. (optax's ``cosine_onecycle_schedule``
+    puts the boundaries at ``int(pct_start * T)`` and ``T`` and has no momentum.)
+
+    torch raises when stepped more than ``T`` times; the schedules here return NaN there.
+    """
+    if total_steps is not None:
+        if not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"Expected positive integer total_steps, but got {total_steps}")
+        T = total_steps
+    elif epochs is not None and steps_per_epoch is not None:
+        if not isinstance(epochs, int) or epochs <= 0:
+            raise ValueError(f"Expected positive integer epochs, but got {epochs}")
+        if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+            raise ValueError(
+                f"Expected positive integer steps_per_epoch, but got {steps_per_epoch}"
+            )
+        T = epochs * steps_per_epoch
+    else:
+        raise ValueError("You must define either total_steps OR (epochs AND steps_per_epoch)")
+    if not isinstance(pct_start, float) or not 0 <= pct_start <= 1:
+        raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
+    if anneal_strategy not in ("cos", "linear"):
+        raise ValueError(
+            f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}"
+        )
+
+    initial_lr = max_lr / div_factor
+    min_lr = initial_lr / final_div_factor
+    # (end_step, start_lr, end_lr, start_momentum, end_momentum), exactly torch's table.
+    if three_phase:
+        phases = [
+            (float(pct_start * T) - 1, initial_lr, max_lr, max_momentum, base_momentum),
+            (float(2 * pct_start * T) - 2, max_lr, initial_lr, base_momentum, max_momentum),
+            (T - 1, initial_lr, min_lr, max_momentum, max_momentum),
+        ]
+    else:
+        phases = [
+            (float(pct_start * T) - 1, initial_lr, max_lr, max_momentum, base_momentum),
+            (T - 1, max_lr, min_lr, base_momentum, max_momentum),
+        ]
+
+    def anneal(start: float, end: float, pct: jax.Array) -> jax.Array:
+        if anneal_strategy == "cos":
+            return end + (start - end) / 2.0 * (jnp.cos(jnp.float32(math.pi) * pct) + 1)
+        return (end - start) * pct + start
+
+    def make(which: int) -> optax.Schedule:
+        def schedule(count: jax.Array) -> jax.Array:
+            step = jnp.asarray(count, jnp.int32).astype(jnp.float32)
+            value = jnp.float32(jnp.nan)
+            # torch takes the first phase with step <= end_step (the last one otherwise): fill
+            # from the last phase backwards so that earlier phases win.
+            start_steps = [0.0] + [p[0] for p in phases[:-1]]
+            for i in reversed(range(len(phases))):
+                end_step = phases[i][0]
+                pct = (step - start_steps[i]) / (end_step - start_steps[i])
+                v = anneal(phases[i][which], phases[i][which + 1], pct)
+                value = v if i == len(phases) - 1 else jnp.where(step <= end_step, v, value)
+            return jnp.where(step <= T, value, jnp.nan)
+
+        return schedule
+
+    return OneCycle(lr=make(1), momentum=make(3) if cycle_momentum else None)
+
+
+SCHEDULES = {
+    "step_lr": step_lr,
+    "multi_step_lr": multi_step_lr,
+    "exponential_lr": exponential_lr,
+    "cosine_annealing_lr": cosine_annealing_lr,
+    "linear_lr": linear_lr,
+    "one_cycle_lr": one_cycle_lr,
+}
+"""The schedules by name (torch's class name in snake case)."""
