@@ -5,8 +5,9 @@ no equivalent, each saying which torch behaviour it reproduces.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -18,6 +19,7 @@ __all__ = [
     "ScalarOrSchedule",
     "adam",
     "adamw",
+    "build",
     "rmsprop",
     "scale_by_torch_adam",
     "sgd",
@@ -348,3 +350,50 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "rmsprop": rmsprop,
 }
 """jaxnet's optimizers by name; each takes ``torch.optim``'s arguments under the same names."""
+
+
+def build(
+    name: str,
+    options: Mapping[str, Any] | None = None,
+    schedule: str | None = None,
+    schedule_options: Mapping[str, Any] | None = None,
+    steps_per_epoch: int = 1,
+) -> optax.GradientTransformation:
+    """``OPTIMIZERS[name](**options)``, its lr driven by a ``jaxnet.schedules`` schedule.
+
+    ``schedule`` names one of ``jaxnet.schedules.SCHEDULES`` and ``schedule_options`` the torch
+    scheduler's arguments; the base lr is ``options["lr"]`` (or the optimizer's default).
+    ``steps_per_epoch`` n steps the schedule every n optimizer steps, like calling torch's
+    ``scheduler.step()`` once per epoch. ``one_cycle_lr`` replaces the lr and, like torch's
+    ``OneCycleLR(cycle_momentum=True)``, cycles ``betas[0]`` where the optimizer has betas and
+    ``momentum`` otherwise.
+    """
+    from jaxnet import schedules  # schedules are optional here; keep optim importable alone
+
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}.")
+    factory = OPTIMIZERS[name]
+    kwargs = dict(options or {})
+    if schedule is None:
+        return factory(**kwargs)
+    if schedule not in schedules.SCHEDULES:
+        raise ValueError(
+            f"Unknown schedule {schedule!r}; choose one of {sorted(schedules.SCHEDULES)}."
+        )
+    sched_options = dict(schedule_options or {})
+    params = inspect.signature(factory).parameters
+    if schedule == "one_cycle_lr":
+        cycle = schedules.one_cycle_lr(**sched_options)
+        kwargs["lr"] = cycle.lr
+        if cycle.momentum is not None:
+            if "betas" in params:
+                betas = kwargs.get("betas", params["betas"].default)
+                kwargs["betas"] = (cycle.momentum, betas[1])
+            else:
+                kwargs["momentum"] = cycle.momentum
+        return factory(**kwargs)
+    base_lr = kwargs.get("lr", params["lr"].default)
+    kwargs["lr"] = schedules.SCHEDULES[schedule](
+        base_lr, **sched_options, steps_per_epoch=steps_per_epoch
+    )
+    return factory(**kwargs)

@@ -28,7 +28,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
@@ -236,36 +235,6 @@ def random_stream(seed: int, batch_size: int, num_classes: int) -> DataStream:
 # ---------------------------------------------------------------------------------------------
 # Optimizer and schedule, in both frameworks, from one spec
 # ---------------------------------------------------------------------------------------------
-
-
-def _jax_optimizer(
-    name: str,
-    options: Mapping[str, Any],
-    schedule: str | None,
-    sched_options: Mapping[str, Any],
-    steps_per_epoch: int,
-) -> optax.GradientTransformation:
-    factory = optim.OPTIMIZERS[name]
-    kwargs = dict(options)
-    if schedule is None:
-        return factory(**kwargs)
-    if schedule == "one_cycle_lr":
-        cycle = schedules.one_cycle_lr(**sched_options)
-        kwargs["lr"] = cycle.lr
-        if cycle.momentum is not None:
-            # torch's OneCycleLR cycles betas[0] where the optimizer has betas, else momentum.
-            params = inspect.signature(factory).parameters
-            if "betas" in params:
-                betas = kwargs.get("betas", params["betas"].default)
-                kwargs["betas"] = (cycle.momentum, betas[1])
-            else:
-                kwargs["momentum"] = cycle.momentum
-        return factory(**kwargs)
-    base_lr = kwargs.get("lr", inspect.signature(factory).parameters["lr"].default)
-    kwargs["lr"] = schedules.SCHEDULES[schedule](
-        base_lr, **sched_options, steps_per_epoch=steps_per_epoch
-    )
-    return factory(**kwargs)
 
 
 def _check_config(
@@ -909,7 +878,7 @@ def validate(
         data = random_stream(seed, batch_size, num_classes)
 
     params = params_from_torch({k: v.cpu() for k, v in net32.state_dict().items()})
-    tx = _jax_optimizer(optimizer, optimizer_options, schedule, schedule_options, steps_per_epoch)
+    tx = optim.build(optimizer, optimizer_options, schedule, schedule_options, steps_per_epoch)
     state = TrainState.create(apply_fn=Net(num_classes=num_classes).apply, params=params, tx=tx)
     apply_gradients = jax.jit(_apply_gradients)  # per run: the optimizer is part of the state
     runs = {
