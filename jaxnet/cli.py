@@ -166,7 +166,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from jaxnet.validation import parse_options, validate
+    from jaxnet.validation import dataset_stream, parse_options, validate
 
     console = Console(stderr=False)
     try:
@@ -188,6 +188,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             device=args.device,
             torch_threads=args.torch_threads,
             record_every=args.record_every,
+            data=None
+            if args.data == "random"
+            else dataset_stream(args.data, args.batch_size, args.seed, args.num_classes),
         )
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"jaxnet validate: error: {e}", file=sys.stderr)
@@ -325,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-classes", type=int, default=2)
     p.add_argument("--weights", help="start from this .pt/.safetensors state_dict")
+    p.add_argument(
+        "--data",
+        default="random",
+        help="'random' (normal images, as in the tutorial), 'digits' (the default data set), "
+        "a .npz (x, y) or an MNIST folder",
+    )
     p.add_argument(
         "--loss", default="cross_entropy", choices=["l1", "mse", "cross_entropy", "kl_div"]
     )

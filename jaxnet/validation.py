@@ -232,6 +232,23 @@ def random_stream(seed: int, batch_size: int, num_classes: int) -> DataStream:
     return stream
 
 
+def dataset_stream(source: str, batch_size: int, seed: int, num_classes: int = 2) -> DataStream:
+    """Training batches of a ``jaxnet.data`` set (``"digits"``, a ``.npz``, an MNIST folder),
+    shuffled per epoch exactly as ``jaxnet train`` shuffles them (``epoch_permutation``)."""
+    from jaxnet import data
+
+    ds = data.load_data(source, num_classes=num_classes)
+    per_epoch = data.num_batches(len(ds.x_train), batch_size)
+
+    def stream(step: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, i = divmod(step, per_epoch)
+        order = data.epoch_permutation(seed, epoch, len(ds.x_train))
+        idx = order[i * batch_size : (i + 1) * batch_size]
+        return ds.x_train[idx], ds.y_train[idx]
+
+    return stream
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimizer and schedule, in both frameworks, from one spec
 # ---------------------------------------------------------------------------------------------

@@ -282,3 +282,18 @@ def test_parity_matrix(loss: str, opt: str) -> None:
     assert r.first_step_ok, r.verdict_lines()
     # 50 steps: within the float32 noise floor.
     assert r.drift_ok, r.verdict_lines()
+
+
+def test_dataset_stream_replays_the_training_batches():
+    """validate --data digits feeds the batches jaxnet train would, epoch after epoch."""
+    from jaxnet import data
+    from jaxnet.validation import dataset_stream
+
+    ds = data.load_data("digits")
+    stream = dataset_stream("digits", batch_size=600, seed=3)
+    expected = list(data.batches(ds.x_train, ds.y_train, 600, seed=3, epoch=0))
+    expected += list(data.batches(ds.x_train, ds.y_train, 600, seed=3, epoch=1))
+    assert len(expected) == 4
+    for step, (x, y) in enumerate(expected):
+        got_x, got_y = stream(step)
+        assert np.array_equal(got_x, x) and np.array_equal(got_y, y)
