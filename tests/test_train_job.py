@@ -317,8 +317,8 @@ def test_optimizer_registry_and_hyperparameters():
     from jaxnet.cli import build_parser
     from jaxnet.train import make_optimizer, optimizer_registry
 
-    assert "sgd" in optimizer_registry()
-    with pytest.raises(ValueError, match=r"unknown optimizer 'nope'; choose one of \['sgd'"):
+    assert set(optimizer_registry()) == {"sgd", "adam", "adamw", "rmsprop"}
+    with pytest.raises(ValueError, match=r"unknown optimizer 'nope'; choose one of \['adam'"):
         make_optimizer("nope", 0.1)
     with pytest.raises(ValueError, match="takes no betas; its hyperparameters are momentum"):
         make_optimizer("sgd", 0.1, {"betas": (0.9, 0.99)})
