@@ -233,3 +233,117 @@ def test_params_npz_roundtrip_and_mismatch(tmp_path):
     assert not list(tmp_path.glob("*.tmp.npz"))
     with pytest.raises(ValueError, match=r"no array \['fc3'\]\['bias'\] of shape \(3,\)"):
         par.read_params_npz(path, Net(num_classes=3))
+
+
+# The training job (train_and_evaluate / `jaxnet train`), data-parallel. Its 1-device reference is
+# conftest's reference_run: the unsharded path, in this process.
+
+
+def _flat_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k].astype(np.float64) for k in f}
+
+
+def _flat(params) -> dict[str, np.ndarray]:
+    return {
+        jax.tree_util.keystr(k): np.asarray(v, np.float64)
+        for k, v in jax.tree_util.tree_leaves_with_path(params)
+    }
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def _assert_same_history(got: list[dict], want: list[dict]) -> None:
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        for k in w:
+            if k == "seconds":
+                continue
+            if "accuracy" in k or k in ("epoch", "step"):
+                assert g[k] == w[k], (k, g[k], w[k])
+            else:  # means over a batch or the validation set: summation order differs
+                np.testing.assert_allclose(g[k], w[k], rtol=2e-6, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def job8(tmp_path_factory, reference_run) -> tuple[dict, Path, float]:
+    """The SMALL job on 8 and on 4 host devices (one process), and the float32 noise floor of
+    the 1-device job: its final params against the same steps in float64."""
+    from conftest import SMALL
+
+    from jaxnet.train import config_to_json
+
+    out = tmp_path_factory.mktemp("job_eight_devices")
+    worker = [sys.executable, str(REPO / "tests" / "train_parallel_worker.py"), str(out)]
+    _run_all([[*worker, json.dumps(config_to_json(SMALL))]], _env(8), out)
+    floor = _max_diff(_flat(reference_run[1].state.params), _flat_npz(out / "loop64.npz"))
+    return json.loads((out / "result.json").read_text()), out, floor
+
+
+@pytest.mark.slow
+def test_training_job_on_8_devices_matches_1_device(job8, reference_run):
+    r, out, floor = job8
+    ref = reference_run[1]
+    scale = max(float(np.max(np.abs(v))) for v in _flat(ref.state.params).values())
+    # Measured (16 steps): float32 noise floor 3.1e-6; 8 and 4 devices vs 1: 1.5e-8.
+    assert 0 < floor < 1e-4 * scale, (floor, scale)
+    for name in ("p8", "p4"):
+        diff = _max_diff(_flat_npz(out / f"{name}.npz"), _flat(ref.state.params))
+        assert diff <= 2 * floor, f"{name}: {diff:.3g} vs float32 noise floor {floor:.3g}"
+    for run in ("run8", "run4"):
+        assert r[run]["replicated"]
+        _assert_same_history(r[run]["history"], ref.history)
+    assert r["stdout8"].startswith("mesh: 8 devices, 1 process; batch 16 = 2 per device\n")
+    # A final partial validation batch (sharded part + a remainder on each process' own copy).
+    one, eight = r["eval_partial"]["one"], r["eval_partial"]["eight"]
+    assert eight["accuracy"] == one["accuracy"]
+    np.testing.assert_allclose(eight["loss"], one["loss"], rtol=2e-6)
+
+
+@pytest.mark.slow
+def test_training_job_uneven_batch_is_a_clear_error_before_writing(job8):
+    r, _, _ = job8
+    assert "global batch size 12 does not split evenly over the 8 devices" in r["uneven_error"]
+    assert "multiple of 8 (e.g. 8 or 16)" in r["uneven_error"]
+    assert r["uneven_wrote"] is False
+
+
+@pytest.mark.slow
+def test_jaxnet_train_on_two_processes_with_resume_matches_four_devices(job8, tmp_path):
+    """`jaxnet train` as 2 processes x 2 host devices over gloo: epoch 1, then --resume to
+    epoch 2 (orbax writes each checkpoint once; every process restores it), against the same job
+    in 1 process on 4 devices."""
+    from conftest import SMALL
+
+    from jaxnet.train import load_params
+
+    r, out, floor = job8
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "jaxnet", "train", "--workdir", str(workdir), "--no-progress"]
+    cmd += ["--limit", str(SMALL.limit), "--batch-size", str(SMALL.batch_size)]
+    cmd += ["--per-example-grad-norms", str(SMALL.per_example_grad_norms)]
+    texts = []
+    for epochs, extra in ((1, []), (2, ["--resume"])):
+        port = _free_port()
+        run = [*cmd, "--epochs", str(epochs), *extra, "--coordinator-address", f"127.0.0.1:{port}"]
+        run += ["--num-processes", "2"]
+        texts.append(
+            _run_all([[*run, "--process-id", "0"], [*run, "--process-id", "1"]], _env(2), tmp_path)
+        )
+    # rich wraps long lines (paths) at the terminal width: compare with spaces collapsed.
+    (first0, first1), (second0, second1) = (tuple(" ".join(t.split()) for t in ts) for ts in texts)
+    assert "mesh: 4 devices, 2 processes; batch 16 = 4 per device" in first0
+    assert "resuming" in second0 and "at epoch 2 (step 8)" in second0
+    assert "diagnosis:" in second0
+    for text in (first1, second1):  # only the primary process prints
+        assert "epoch" not in text and "diagnosis" not in text and "mesh:" not in text
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    _assert_same_history(records, r["run4"]["history"])
+    params, _, meta = load_params(workdir, "last")
+    assert meta["status"] == "finished" and meta["epoch"] == 3
+    diff = _max_diff(_flat(params), _flat_npz(out / "p4.npz"))
+    # Measured: 0 (bit-equal to 1 process on 4 devices).
+    assert diff <= 2 * floor, f"2 processes vs 1: {diff:.3g}, float32 noise floor {floor:.3g}"
