@@ -508,6 +508,20 @@ class _StopFlag:
         self.signal = signal.Signals(signum).name
 
 
+def _agreed(flag: _StopFlag) -> Callable[[], bool]:
+    """``flag``, agreed on by all processes: whether any of them got a signal. Every process
+    polls it at the same points, so all stop after the same step and save together (orbax's
+    save is collective); a signal to one process alone would otherwise leave the others
+    waiting in the next step's all-reduce."""
+    from jax.experimental import multihost_utils
+
+    def stop() -> bool:
+        votes = multihost_utils.process_allgather(np.asarray(flag(), np.int32))
+        return bool(np.any(votes))
+
+    return stop
+
+
 @contextlib.contextmanager
 def _catch_stop_signals(flag: _StopFlag) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
@@ -704,6 +718,7 @@ def train_and_evaluate(
             }
 
         flag = _StopFlag()
+        stop = flag if jax.process_count() == 1 else _agreed(flag)
         probe = None
         if config.per_example_grad_norms:
             n_probe = min(config.per_example_grad_norms, len(ds.x_train))
@@ -714,7 +729,7 @@ def train_and_evaluate(
         bar = _progress_bar(config.progress and primary, console)
         try:
             with _catch_stop_signals(flag), bar:
-                while epoch <= config.epochs and not stopped_early and not flag():
+                while epoch <= config.epochs and not stopped_early and not stop():
                     task = bar.add_task(
                         "",
                         total=steps_per_epoch,
@@ -743,7 +758,7 @@ def train_and_evaluate(
                             epoch=epoch,
                             criterion=criterion,
                             progress=partial,
-                            should_stop=flag,
+                            should_stop=stop,
                             on_step=on_step,
                             mesh=data_mesh,
                         )
