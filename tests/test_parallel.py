@@ -43,9 +43,12 @@ def _env(host_devices: int) -> dict[str, str]:
     return env
 
 
-def _run_all(cmds: list[list[str]], env: dict[str, str], logs: Path) -> list[str]:
-    """Run ``cmds`` concurrently; their stdout, or a failure with their logs' tails. Kills every
-    process group on the way out, whatever happens."""
+def _run_all(
+    cmds: list[list[str]], env: dict[str, str], logs: Path, codes: list[int] | None = None
+) -> list[str]:
+    """Run ``cmds`` concurrently; their stdout, or a failure with their logs' tails unless they
+    exit with ``codes`` (default all 0). Kills every process group on the way out, whatever
+    happens."""
     procs, outs = [], []
     try:
         for i, cmd in enumerate(cmds):
@@ -76,8 +79,8 @@ def _run_all(cmds: list[list[str]], env: dict[str, str], logs: Path) -> list[str
             out.seek(0)
             texts.append(out.read())
             out.close()
-    for p, text in zip(procs, texts, strict=True):
-        assert p.returncode == 0, f"{p.args} exited {p.returncode}:\n{text[-4000:]}"
+    for p, text, code in zip(procs, texts, codes or [0] * len(procs), strict=True):
+        assert p.returncode == code, f"{p.args} exited {p.returncode}:\n{text[-4000:]}"
     return texts
 
 
@@ -311,32 +314,52 @@ def test_training_job_uneven_batch_is_a_clear_error_before_writing(job8):
     assert r["uneven_wrote"] is False
 
 
+# `jaxnet train`, but the process sends itself SIGTERM right after step 11 (epoch 2, batch 3).
+SIGTERM_AFTER_STEP_11 = """
+import os, signal, sys
+import jaxnet.train as t
+from jaxnet import cli
+real = t.train_step
+def step(state, batch, criterion):
+    out = real(state, batch, criterion)
+    if int(state.step) + 1 == 11:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return out
+t.train_step = step
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_jaxnet_train_on_two_processes_with_resume_matches_four_devices(job8, tmp_path):
-    """`jaxnet train` as 2 processes x 2 host devices over gloo: epoch 1, then --resume to
-    epoch 2 (orbax writes each checkpoint once; every process restores it), against the same job
-    in 1 process on 4 devices."""
+    """`jaxnet train` as 2 processes x 2 host devices over gloo, against the same job in 1
+    process on 4 devices: SIGTERM to process 1 alone mid-epoch stops both after the same step,
+    both save the checkpoint together (orbax writes it once), and both restore it on --resume."""
     from conftest import SMALL
 
     from jaxnet.train import load_params
 
     r, out, floor = job8
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "jaxnet", "train", "--workdir", str(workdir), "--no-progress"]
-    cmd += ["--limit", str(SMALL.limit), "--batch-size", str(SMALL.batch_size)]
-    cmd += ["--per-example-grad-norms", str(SMALL.per_example_grad_norms)]
+    args = ["train", "--workdir", str(workdir), "--no-progress", "--epochs", str(SMALL.epochs)]
+    args += ["--limit", str(SMALL.limit), "--batch-size", str(SMALL.batch_size)]
+    args += ["--per-example-grad-norms", str(SMALL.per_example_grad_norms)]
     texts = []
-    for epochs, extra in ((1, []), (2, ["--resume"])):
+    for first in (True, False):
         port = _free_port()
-        run = [*cmd, "--epochs", str(epochs), *extra, "--coordinator-address", f"127.0.0.1:{port}"]
-        run += ["--num-processes", "2"]
-        texts.append(
-            _run_all([[*run, "--process-id", "0"], [*run, "--process-id", "1"]], _env(2), tmp_path)
-        )
+        run = [*args, "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
+        run += [] if first else ["--resume"]
+        jaxnet, killed = [sys.executable, "-m", "jaxnet"], [sys.executable, "-c"]
+        killed.append(SIGTERM_AFTER_STEP_11 if first else "from jaxnet.cli import main; main()")
+        cmds = [[*jaxnet, *run, "--process-id", "0"], [*killed, *run, "--process-id", "1"]]
+        # Interrupted: exit 128 + signal (SIGTERM in process 1; process 0 names no signal: 130).
+        codes = [130, 143] if first else [0, 0]
+        texts.append(_run_all(cmds, _env(2), tmp_path, codes))
     # rich wraps long lines (paths) at the terminal width: compare with spaces collapsed.
     (first0, first1), (second0, second1) = (tuple(" ".join(t.split()) for t in ts) for ts in texts)
     assert "mesh: 4 devices, 2 processes; batch 16 = 4 per device" in first0
-    assert "resuming" in second0 and "at epoch 2 (step 8)" in second0
+    assert "interrupted by a signal at step 11: checkpoint saved" in first0
+    assert "resuming" in second0 and "at epoch 2, batch 4 (step 11)" in second0
     assert "diagnosis:" in second0
     for text in (first1, second1):  # only the primary process prints
         assert "epoch" not in text and "diagnosis" not in text and "mesh:" not in text
