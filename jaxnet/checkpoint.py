@@ -8,6 +8,12 @@
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
 process killed at any moment leaves the previous checkpoint intact and never a half-written one.
 Saves run in the background while training goes on; ``close()`` waits for them.
+
+Multi-process runs (``jax.distributed``): every process makes the same calls (orbax
+synchronises inside ``save``/``restore``, writes each replicated array once and the metadata from
+the primary process); ``restore_last`` with a target whose leaves carry shardings (e.g.
+``jaxnet.parallel.abstract_like``) gives every process the state on its devices. ``clear`` removes
+the folder from the primary process only and waits for every process.
 """
 
 from __future__ import annotations
@@ -42,6 +48,22 @@ def _orbax() -> Any:
 
     logging.getLogger("absl").setLevel(logging.ERROR)
     return ocp
+
+
+def _abstract(tree: Any) -> Any:
+    """Restore targets (``jax.ShapeDtypeStruct``) for the arrays of ``tree`` (arrays, structs
+    or orbax's array metadata): a leaf's own ``jax.sharding.Sharding`` where it has one, else
+    this process' first device. Never the sharding recorded in the checkpoint: a checkpoint
+    written on another set of devices (8 devices, 2 processes) must still restore here."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(x: Any) -> Any:
+        sharding = getattr(x, "sharding", None)
+        if not isinstance(sharding, jax.sharding.Sharding):
+            sharding = device
+        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, tree)
 
 
 class Checkpoints:
@@ -138,6 +160,13 @@ class Checkpoints:
     def _save(self, name: str, step: int, tree: Any, meta: dict[str, Any]) -> None:
         ocp = _orbax()
         manager = self._manager(name)
+        if jax.process_count() > 1:
+            # orbax's background finalisation synchronises the processes at barriers whose
+            # names are not unique per manager: two managers finalising at once collide
+            # ("Barrier ... is already ongoing"). One manager saves at a time.
+            for other in self._managers.values():
+                if other is not manager:
+                    other.wait_until_finished()
         if step in manager.all_steps():
             # A resumed run re-saving what an interrupted one already wrote (same bits).
             manager.delete(step)
@@ -160,10 +189,14 @@ class Checkpoints:
         self._save("best", epoch, {"params": params}, meta)
 
     def restore_last(self, target: Any) -> tuple[Any, dict[str, Any]]:
-        """The newest full state (shaped like ``target``) and its meta."""
+        """The newest full state (shaped like ``target``) and its meta.
+
+        ``target``'s leaves may be arrays or ``jax.ShapeDtypeStruct``s; their shardings, when
+        they have any (``jaxnet.parallel.abstract_like(tree, mesh)``: replicated over a mesh),
+        are where the restored arrays go, in every process."""
         ocp = _orbax()
         step, meta = self.read_meta("last")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = _abstract(target)
         state = self._restore("last", step, state=ocp.args.StandardRestore(abstract))["state"]
         return state, meta
 
@@ -175,12 +208,23 @@ class Checkpoints:
         ocp = _orbax()
         step, meta = self.read_meta(which)
         if which == "best":
-            abstract = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, target)}
+            abstract = {"params": _abstract(target)}
             return self._restore(which, step, state=ocp.args.StandardRestore(abstract))["state"][
                 "params"
             ], meta
-        # The last checkpoint's params, read without knowing the optimizer's state layout.
-        restored = self._restore(which, step, state=ocp.args.StandardRestore())["state"]
+        # The last checkpoint's params, read without knowing the optimizer's state layout: the
+        # target is the saved tree's own metadata.
+        path = self.directory / which / str(step) / "state"
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(path).tree
+        except Exception as e:  # as in _restore: anything here means an unusable folder
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it is corrupt or was not written by this "
+                f"version of jaxnet ({type(e).__name__}). Delete it or start afresh with "
+                "--overwrite."
+            ) from e
+        abstract = _abstract(saved)
+        restored = self._restore(which, step, state=ocp.args.StandardRestore(abstract))["state"]
         params = restored["params"]
         shapes = jax.tree.map(lambda a: a.shape, params)
         want = jax.tree.map(lambda a: a.shape, target)
@@ -191,5 +235,10 @@ class Checkpoints:
     def clear(self) -> None:
         """Remove every checkpoint (``--overwrite``)."""
         self.close()
-        if self.directory.exists():
+        if jax.process_index() == 0 and self.directory.exists():
             shutil.rmtree(self.directory)
+        if jax.process_count() > 1:
+            # No process may create its managers again before the folder is gone.
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxnet-clear:{self.directory}")

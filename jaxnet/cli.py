@@ -54,7 +54,16 @@ def _errors() -> tuple[type[BaseException], ...]:
 def _cmd_train(args: argparse.Namespace) -> int:
     import signal
 
+    from jaxnet import parallel
     from jaxnet.train import TrainConfig, train_and_evaluate
+
+    try:  # before any other JAX call
+        parallel.initialize_distributed(
+            args.coordinator_address, args.num_processes, args.process_id
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
     kwargs = dict(args.opt or [])
     for name in ("momentum", "weight_decay", "nesterov"):
@@ -267,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir")
     p.add_argument("--overwrite", action="store_true", help="discard the run in --workdir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from jaxnet import parallel as par
+
+    g = p.add_argument_group("multi-process (one process per host; all devices are used)")
+    g.add_argument(
+        "--coordinator-address",
+        help=f"host:port of process 0 (default: ${par.COORDINATOR_ADDRESS_ENV})",
+    )
+    g.add_argument(
+        "--num-processes", type=int, help=f"process count (default: ${par.NUM_PROCESSES_ENV})"
+    )
+    g.add_argument(
+        "--process-id", type=int, help=f"this process' index (default: ${par.PROCESS_ID_ENV})"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="write trained params as a PyTorch state_dict")

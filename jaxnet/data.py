@@ -466,14 +466,19 @@ def batches(
     seed: int,
     epoch: int,
     start: int = 0,
+    rows: np.ndarray | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Shuffled full batches ``(images (B, 32, 32, 1), labels (B,))`` of ``epoch``.
 
     The order is ``epoch_permutation(seed, epoch, len(x))``, so a resumed run replays exactly
     the same batches; ``start`` skips the first ``start`` batches (resuming mid-epoch).
+    ``rows`` (e.g. ``jaxnet.parallel.local_batch_indices``) keeps only those rows of each batch:
+    a process of a multi-process run reads just its own share of every global batch.
     """
     steps = num_batches(len(x), batch_size)
     order = epoch_permutation(seed, epoch, len(x))
     for i in range(start, steps):
         idx = order[i * batch_size : (i + 1) * batch_size]
+        if rows is not None:
+            idx = idx[rows]
         yield x[idx], y[idx]

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,9 @@ from rich.console import Console
 from jaxnet import checkpoint, data, losses
 from jaxnet.checkpoint import CheckpointError
 from jaxnet.model import Net
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 __all__ = [
     "CRITERIA",
@@ -386,12 +389,19 @@ def train_epoch(
     progress: EpochProgress | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[EpochProgress, float], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[TrainState, EpochProgress, bool]:
     """One pass over the shuffled training data ``x (N, 32, 32, 1)``, ``y (N,)``.
 
     The batches are ``jaxnet.data.batches(x, y, batch_size, seed=seed, epoch=epoch)``;
     ``progress`` (from an interrupted run) skips the batches already done and continues its sums.
     ``should_stop`` is polled after every step. ``on_step(progress, loss)`` is called after each.
+
+    With a ``mesh`` (``jaxnet.parallel.make_mesh``), the steps are data-parallel: ``state`` must
+    be replicated over it (``jaxnet.parallel.replicate``), each global batch of ``batch_size`` is
+    split over the ``data`` axis, and each process takes only its own rows of it
+    (``local_batch_indices`` + ``assemble_batch``). The same ``train_step`` runs; XLA's
+    all-reduce averages the gradients. Without one, the batches are plain host arrays.
 
     Returns ``(state, progress, finished)``; ``finished`` is False when stopped early.
 
@@ -402,10 +412,18 @@ def train_epoch(
     progress = dataclasses.replace(progress) if progress is not None else EpochProgress()
     steps = data.num_batches(len(x), batch_size)
     start = time.perf_counter() - progress.seconds
+    rows = None
+    if mesh is not None:
+        from jaxnet import parallel
+
+        rows = parallel.local_batch_indices(batch_size, mesh)
     for images, labels in data.batches(
-        x, y, batch_size, seed=seed, epoch=epoch, start=progress.batches_done
+        x, y, batch_size, seed=seed, epoch=epoch, start=progress.batches_done, rows=rows
     ):
-        new_state, metrics = train_step(state, (images, labels), criterion)
+        batch: Batch = (images, labels)
+        if mesh is not None:
+            batch = parallel.assemble_batch(batch, mesh)
+        new_state, metrics = train_step(state, batch, criterion)
         loss = float(metrics["loss"])
         if not math.isfinite(loss):
             raise NonFiniteLossError(
@@ -413,7 +431,7 @@ def train_epoch(
                 f"{progress.batches_done + 1} of {steps}); training stopped"
             )
         state = new_state
-        n = len(labels)
+        n = batch_size
         progress.batches_done += 1
         progress.loss_sum += loss * n
         progress.correct += round(float(metrics.get("accuracy", 0.0)) * n)
@@ -432,20 +450,56 @@ def evaluate(
     y: np.ndarray,
     criterion: Criterion = losses.cross_entropy,
     batch_size: int = 512,
+    mesh: Mesh | None = None,
 ) -> dict[str, float]:
     """``{"loss", "accuracy"}`` of ``state.params`` on all of ``x``, ``y`` (no update).
 
     Evaluated in batches of ``batch_size``; the batch means are weighted by the batch sizes,
     which gives the mean over all examples for the mean-reduced losses.
+
+    With a ``mesh`` (``state`` replicated over it), each batch is sharded over the ``data`` axis
+    (``batch_size`` rounded down to a multiple of the device count), each process taking only
+    its rows. Of a last partial batch, the largest part that splits evenly is sharded too, and
+    the few examples left (fewer than the devices) are evaluated by every process on its own
+    copy of the params: no padding, so the metrics equal the single-device ones up to float32
+    round-off.
     """
+    if mesh is not None:
+        from jaxnet import parallel
+
+        devices = mesh.devices.size
+        batch_size = max(batch_size // devices, 1) * devices
+        local_state = None
     loss_sum, correct = 0.0, 0
+
+    def add(m: Mapping[str, jax.Array], count: int) -> None:
+        nonlocal loss_sum, correct
+        loss_sum += float(m["loss"]) * count
+        correct += round(float(m.get("accuracy", 0.0)) * count)
+
     for i in range(0, len(x), batch_size):
         images, labels = x[i : i + batch_size], y[i : i + batch_size]
-        m = eval_step(state, (images, labels), criterion)
-        loss_sum += float(m["loss"]) * len(labels)
-        correct += round(float(m.get("accuracy", 0.0)) * len(labels))
+        if mesh is None:
+            add(eval_step(state, (images, labels), criterion), len(labels))
+            continue
+        even = len(labels) // devices * devices
+        if even:
+            rows = parallel.local_batch_indices(even, mesh)
+            batch = parallel.assemble_batch((images[rows], labels[rows]), mesh)
+            add(eval_step(state, batch, criterion), even)
+        if even < len(labels):
+            if local_state is None:
+                local_state = _local_copy(state)
+            rest = (images[even:], labels[even:])
+            add(eval_step(local_state, rest, criterion), len(labels) - even)
     n = max(len(x), 1)
     return {"loss": loss_sum / n, "accuracy": correct / n}
+
+
+def _local_copy(tree: Any) -> Any:
+    """This process' own copy of a tree of replicated arrays, on one of its devices: for work
+    every process does alike, outside the mesh (no collectives)."""
+    return jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, tree)
 
 
 @functools.partial(jax.jit, static_argnames=("criterion", "chunk_size"))
@@ -537,6 +591,20 @@ class _StopFlag:
         self.signal = signal.Signals(signum).name
 
 
+def _agreed(flag: _StopFlag) -> Callable[[], bool]:
+    """``flag``, agreed on by all processes: whether any of them got a signal. Every process
+    polls it at the same points, so all stop after the same step and save together (orbax's
+    save is collective); a signal to one process alone would otherwise leave the others
+    waiting in the next step's all-reduce."""
+    from jax.experimental import multihost_utils
+
+    def stop() -> bool:
+        votes = multihost_utils.process_allgather(np.asarray(flag(), np.int32))
+        return bool(np.any(votes))
+
+    return stop
+
+
 @contextlib.contextmanager
 def _catch_stop_signals(flag: _StopFlag) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
@@ -565,10 +633,11 @@ def _epoch_record(
     epoch: int,
     progress: EpochProgress,
     probe: Batch | None,
+    mesh: Mesh | None = None,
 ) -> dict[str, Any]:
     """The ``metrics.jsonl`` record of a finished epoch: train sums, validation, grad norms."""
     t0 = time.perf_counter()
-    val = evaluate(state, ds.x_val, ds.y_val, criterion, config.eval_batch_size)
+    val = evaluate(state, ds.x_val, ds.y_val, criterion, config.eval_batch_size, mesh)
     record: dict[str, Any] = {
         "epoch": epoch,
         "step": int(state.step),
@@ -578,7 +647,9 @@ def _epoch_record(
         "val_accuracy": val["accuracy"],
     }
     if probe is not None:
-        norms = np.asarray(per_example_grad_norms(state, probe, criterion))
+        # A few examples: each process computes them on its own copy of the params.
+        local = state if mesh is None else _local_copy(state)
+        norms = np.asarray(per_example_grad_norms(local, probe, criterion))
         record.update(
             grad_norm_mean=float(norms.mean()),
             grad_norm_median=float(np.median(norms)),
@@ -588,8 +659,18 @@ def _epoch_record(
     return record
 
 
-def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> TrainResult:
+def train_and_evaluate(
+    config: TrainConfig, workdir: str | os.PathLike, mesh: Mesh | None = None
+) -> TrainResult:
     """Train ``Net`` on ``config.data``, evaluating after every epoch; write ``workdir``.
+
+    Data-parallel over ``mesh`` (default ``jaxnet.parallel.make_mesh()``: every device of every
+    process; start the processes with ``jaxnet.parallel.initialize_distributed`` first): params
+    and optimizer state replicated, each global batch of ``config.batch_size`` split over the
+    devices (it must split evenly), each process taking only its rows. On one device the arrays
+    are not sharded at all (the results are the same bits as before data parallelism). Every
+    process runs this function alike; the primary one alone prints and writes ``metrics.jsonl``
+    and ``curves.png``; orbax writes each checkpoint once.
 
     Writes ``metrics.jsonl`` (one record per epoch: ``epoch``, ``step``, ``train_loss``,
     ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``seconds``), ``curves.png`` and
@@ -599,15 +680,22 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
     stopped. SIGINT/SIGTERM save a mid-epoch checkpoint and return ``status="interrupted"``.
 
     Raises:
+      ValueError: a batch size that does not split over the devices (before anything is
+        written).
       jaxnet.data.DataError: unusable data (before anything is written).
       CheckpointError: a foreign, corrupt or incompatible checkpoint folder; or checkpoints in
         ``workdir`` while neither ``resume`` nor ``overwrite`` is set.
       NonFiniteLossError: a NaN/inf loss; the last good checkpoint stays as it was.
     """
-    from jaxnet import report
+    from jaxnet import parallel, report
 
     workdir = Path(workdir)
-    console = Console(highlight=False)
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    per_device = parallel.check_batch_size(config.batch_size, mesh)
+    primary = parallel.is_primary()
+    sharded = mesh.devices.size > 1
+    data_mesh = mesh if sharded else None
+    console = Console(highlight=False, quiet=not primary)
     ds = data.load_data(
         config.data,
         config.num_classes,
@@ -631,6 +719,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
         "description": ds.description,
     }
 
+    console.print(
+        f"mesh: {parallel.describe_mesh(mesh)}"
+        + (f"; batch {config.batch_size} = {per_device} per device" if sharded else "")
+    )
     key = jax.random.key(config.seed)
     # The state's structure, without computing it: a resumed run overwrites every leaf.
     state = jax.eval_shape(lambda: create_train_state(key, net, tx))
@@ -642,14 +734,23 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
     last_saved: int | None = None  # the step of the newest complete checkpoint
     status = "finished"
     with ckpts:
-        if config.resume and ckpts.exists() and ckpts.never_completed():
+        # Every process decides from the same folder before any of them changes it.
+        exists, never_completed = ckpts.exists(), ckpts.never_completed()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxnet-train-start:{ckpts.directory}")
+        if config.resume and exists and never_completed:
             console.print(
                 f"no complete checkpoint in {workdir} (stopped during its first "
                 "epoch); starting a new run"
             )
             ckpts.clear()
-        elif config.resume and ckpts.exists():
-            restored, meta = ckpts.restore_last(serialization.to_state_dict(state))
+        elif config.resume and exists:
+            target = serialization.to_state_dict(state)
+            if sharded:  # restored straight onto the mesh, replicated, in every process
+                target = parallel.abstract_like(target, mesh)
+            restored, meta = ckpts.restore_last(target)
             _check_resumable(meta.get("config", {}), config)
             if meta.get("data") != data_meta:
                 raise CheckpointError(
@@ -669,7 +770,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
                 + (f", batch {partial.batches_done + 1}" if partial else "")
                 + f" (step {int(state.step)})"
             )
-        elif ckpts.exists():
+        elif exists:
             if not config.overwrite:
                 raise CheckpointError(
                     f"{ckpts.directory} already holds checkpoints; pass --resume to continue "
@@ -677,11 +778,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
                 )
             ckpts.clear()
             for name in ("metrics.jsonl", "curves.png"):
-                (workdir / name).unlink(missing_ok=True)
+                if primary:
+                    (workdir / name).unlink(missing_ok=True)
         elif config.resume:
             console.print(f"nothing to resume in {workdir}; starting a new run")
         if fresh:
             state = create_train_state(key, net, tx, params=_init_params(net, key))
+            if sharded:  # every process made the same values from the same key
+                state = parallel.replicate(state, mesh)
         workdir.mkdir(parents=True, exist_ok=True)
         console.print(f"data: {ds.description}")
 
@@ -697,6 +801,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
             }
 
         flag = _StopFlag()
+        stop = flag if jax.process_count() == 1 else _agreed(flag)
         probe = None
         if config.per_example_grad_norms:
             n_probe = min(config.per_example_grad_norms, len(ds.x_train))
@@ -704,10 +809,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
         stopped_early = status == "early-stopped"
         status = "running"
         epoch = next_epoch
-        bar = _progress_bar(config)
+        bar = _progress_bar(config.progress and primary, console)
         try:
             with _catch_stop_signals(flag), bar:
-                while epoch <= config.epochs and not stopped_early and not flag():
+                while epoch <= config.epochs and not stopped_early and not stop():
                     task = bar.add_task(
                         "",
                         total=steps_per_epoch,
@@ -736,8 +841,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
                             epoch=epoch,
                             criterion=criterion,
                             progress=partial,
-                            should_stop=flag,
+                            should_stop=stop,
                             on_step=on_step,
+                            mesh=data_mesh,
                         )
                     except NonFiniteLossError as e:
                         kept = (
@@ -759,7 +865,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
                         last_saved = int(state.step)
                         status = "interrupted"
                         break
-                    record = _epoch_record(state, ds, config, criterion, epoch, progress, probe)
+                    record = _epoch_record(
+                        state, ds, config, criterion, epoch, progress, probe, data_mesh
+                    )
                     history.append(record)
                     if best["val_loss"] is None or record["val_loss"] < best["val_loss"]:
                         best = {"epoch": epoch, "val_loss": record["val_loss"]}
@@ -779,7 +887,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
                         meta_for(epoch + 1, None, run_status),
                     )
                     last_saved = int(state.step)
-                    report.write_metrics(history, workdir / "metrics.jsonl")
+                    if primary:
+                        report.write_metrics(history, workdir / "metrics.jsonl")
                     bar.console.print(_epoch_line(record))
                     if stopped_early:
                         bar.console.print(
@@ -795,7 +904,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> Train
                 else:
                     status = "finished"
         finally:
-            if history:
+            if history and primary:
                 report.plot_curves(
                     history,
                     report.diagnose(history),
@@ -832,7 +941,7 @@ def _epoch_line(r: Mapping[str, Any]) -> str:
     return line
 
 
-def _progress_bar(config: TrainConfig) -> Any:
+def _progress_bar(enabled: bool, console: Console) -> Any:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -848,7 +957,8 @@ def _progress_bar(config: TrainConfig) -> Any:
         TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("{task.fields[sps]:,.0f} samples/s"),
         TimeElapsedColumn(),
-        disable=not config.progress,
+        console=console,
+        disable=not enabled,
     )
 
 
