@@ -32,15 +32,13 @@ def _cmd_tutorial(args: argparse.Namespace) -> int:
 
 
 def _key_value(text: str) -> tuple[str, object]:
-    import ast
+    from jaxnet.validation import parse_options
 
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key.replace("-", "_"), ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key.replace("-", "_"), value
+        ((key, value),) = parse_options([text]).items()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return key, value
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -80,6 +78,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         lr=args.lr,
         optimizer_kwargs=kwargs or None,
+        schedule=args.schedule,
+        schedule_kwargs=dict(args.sched_opt or []) or None,
         seed=args.seed,
         early_stopping=args.early_stopping,
         per_example_grad_norms=args.per_example_grad_norms,
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01)
     p.set_defaults(func=_cmd_tutorial)
 
+    from jaxnet.schedules import SCHEDULES
     from jaxnet.train import CRITERIA, TrainConfig, optimizer_registry
 
     d = TrainConfig()
@@ -249,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=None, help="default 0.9 for sgd")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--nesterov", action="store_true", default=None)
+    p.add_argument(
+        "--schedule",
+        choices=sorted(SCHEDULES),
+        help="a torch.optim.lr_scheduler, stepped once per epoch (one_cycle_lr: per batch)",
+    )
+    p.add_argument(
+        "--sched-opt",
+        type=_key_value,
+        action="append",
+        metavar="KEY=VALUE",
+        help="the scheduler's torch argument, e.g. --sched-opt T_max=8 (repeatable)",
+    )
     p.add_argument(
         "--opt",
         type=_key_value,

@@ -98,9 +98,8 @@ def write_metrics(history: History, path: str | os.PathLike) -> None:
 
 
 def _write(path: Path, write: Any) -> None:
-    """Atomic write (temp file + rename), readable by others like a file written normally."""
+    """Atomic write (temp file + rename), with the mode a plain open() would give."""
     _atomic_write(path, write)
-    os.chmod(path, 0o644)
 
 
 def plot_curves(

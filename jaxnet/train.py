@@ -268,6 +268,8 @@ class TrainConfig:
     optimizer: str = "sgd"
     lr: float = 0.01
     optimizer_kwargs: Mapping[str, Any] | None = None
+    schedule: str | None = None
+    schedule_kwargs: Mapping[str, Any] | None = None
     seed: int = 0
     weight_init: str = "torch"
     early_stopping: int | None = None
@@ -285,22 +287,31 @@ _RESUMABLE_CHANGES = frozenset(
     {"epochs", "early_stopping", "progress", "resume", "overwrite", "eval_batch_size"}
 )
 
-# Optimizer names ``jaxnet train --optimizer`` accepts, each the ``jaxnet.optim`` function of the
-# same name; the names jaxnet.optim does not define (yet) are left out.
-OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
-
 
 def optimizer_registry() -> dict[str, Callable[..., optax.GradientTransformation]]:
     """``{name: constructor}`` of the torch.optim-like optimizers ``jaxnet.optim`` defines."""
     from jaxnet import optim
 
-    return {n: getattr(optim, n) for n in OPTIMIZER_NAMES if callable(getattr(optim, n, None))}
+    return dict(optim.OPTIMIZERS)
 
 
 def make_optimizer(
-    name: str, lr: float, kwargs: Mapping[str, Any] | None = None
+    name: str,
+    lr: float,
+    kwargs: Mapping[str, Any] | None = None,
+    schedule: str | None = None,
+    schedule_kwargs: Mapping[str, Any] | None = None,
+    steps_per_epoch: int = 1,
+    epochs: int = 1,
 ) -> optax.GradientTransformation:
-    """``jaxnet.optim.<name>(lr=lr, **kwargs)``, refusing unknown names and hyperparameters."""
+    """``jaxnet.optim.<name>(lr=lr, **kwargs)``, refusing unknown names and hyperparameters.
+
+    With ``schedule`` (a ``jaxnet.schedules`` name and its torch arguments) the lr follows it,
+    stepped once per epoch like ``scheduler.step()`` at the end of each epoch; ``one_cycle_lr``
+    is stepped every batch, as torch requires, with ``epochs``/``steps_per_epoch`` filled in.
+    """
+    from jaxnet import optim
+
     registry = optimizer_registry()
     if name not in registry:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(registry)}.")
@@ -314,7 +325,19 @@ def make_optimizer(
             f"optimizer {name!r} takes no {', '.join(unknown)}; its hyperparameters are "
             f"{', '.join(accepted)}."
         )
-    return fn(lr=lr, **kwargs)
+    sched_kwargs = dict(schedule_kwargs or {})
+    if schedule == "one_cycle_lr":
+        sched_kwargs.setdefault("max_lr", lr)
+        if "total_steps" not in sched_kwargs:
+            sched_kwargs.setdefault("epochs", epochs)
+            sched_kwargs.setdefault("steps_per_epoch", steps_per_epoch)
+    return optim.build(
+        name,
+        {"lr": lr, **kwargs},
+        schedule,
+        sched_kwargs,
+        steps_per_epoch=1 if schedule == "one_cycle_lr" else steps_per_epoch,
+    )
 
 
 def _one_hot_like(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -555,9 +578,9 @@ class TrainResult:
 
 def config_to_json(config: TrainConfig) -> dict[str, Any]:
     d = dataclasses.asdict(config)
-    d["optimizer_kwargs"] = (
-        None if config.optimizer_kwargs is None else dict(config.optimizer_kwargs)
-    )
+    for field in ("optimizer_kwargs", "schedule_kwargs"):
+        value = getattr(config, field)
+        d[field] = None if value is None else dict(value)
     return d
 
 
@@ -709,7 +732,15 @@ def train_and_evaluate(
         raise ValueError(f"epochs must be at least 1, got {config.epochs}.")
     criterion = make_criterion(config.loss)
     net = Net(num_classes=ds.num_classes, weight_init=config.weight_init)  # type: ignore[arg-type]
-    tx = make_optimizer(config.optimizer, config.lr, config.optimizer_kwargs)
+    tx = make_optimizer(
+        config.optimizer,
+        config.lr,
+        config.optimizer_kwargs,
+        config.schedule,
+        config.schedule_kwargs,
+        steps_per_epoch=steps_per_epoch,
+        epochs=config.epochs,
+    )
     data_meta = {
         "mean": ds.mean,
         "std": ds.std,

@@ -332,3 +332,70 @@ def test_optimizer_registry_and_hyperparameters():
     for _ in range(2):
         updates, state = tx.update(grads, state, params)
     np.testing.assert_allclose(updates["w"], -(0.9 * 1 + 0.5 * 1))  # torch: buf = 0.9 buf + 0.5 g
+
+
+@pytest.mark.parametrize(
+    ("schedule", "sched_kwargs", "torch_name"),
+    [
+        ("step_lr", {"step_size": 1, "gamma": 0.5}, "StepLR"),
+        ("cosine_annealing_lr", {"T_max": 2}, "CosineAnnealingLR"),
+        ("one_cycle_lr", {"cycle_momentum": False}, "OneCycleLR"),
+    ],
+)
+def test_train_schedule_steps_like_torch(schedule, sched_kwargs, torch_name):
+    """jaxnet train's --schedule: per epoch (torch's scheduler.step() after each epoch), and
+    one_cycle_lr per batch with max_lr/epochs/steps_per_epoch taken from the run."""
+    import optax
+    import torch
+
+    from jaxnet.train import make_optimizer
+
+    lr, epochs, per_epoch = 0.1, 3, 4
+    tx = make_optimizer(
+        "sgd",
+        lr,
+        {"momentum": 0.0},
+        schedule,
+        sched_kwargs,
+        steps_per_epoch=per_epoch,
+        epochs=epochs,
+    )
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=lr, momentum=0.0)
+    if schedule == "one_cycle_lr":
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=lr, epochs=epochs, steps_per_epoch=per_epoch, cycle_momentum=False
+        )
+    else:
+        sched = getattr(torch.optim.lr_scheduler, torch_name)(opt, **sched_kwargs)
+    params = {"w": np.zeros(1, np.float32)}
+    state = tx.init(params)
+    for epoch in range(epochs):
+        for _ in range(per_epoch):
+            updates, state = tx.update({"w": np.ones(1, np.float32)}, state, params)
+            expected = opt.param_groups[0]["lr"]
+            assert -float(updates["w"][0]) == pytest.approx(expected, rel=1e-6), (epoch, expected)
+            params = optax.apply_updates(params, updates)
+            opt.step()
+            if schedule == "one_cycle_lr":
+                sched.step()
+        if schedule != "one_cycle_lr":
+            sched.step()
+
+
+def test_train_with_schedule_resumes_bit_identically(tmp_path):
+    """The schedule's position lives in the optimizer state: a resumed run continues it."""
+    sched = {"schedule": "step_lr", "schedule_kwargs": {"step_size": 1, "gamma": 0.5}}
+    first = train_and_evaluate(small(epochs=1, **sched), tmp_path / "a")
+    assert first.status == "finished"
+    with pytest.raises((ValueError, CheckpointError), match="schedule"):
+        train_and_evaluate(small(resume=True), tmp_path / "a")
+    resumed = train_and_evaluate(small(resume=True, **sched), tmp_path / "a")
+    whole = train_and_evaluate(small(**sched), tmp_path / "b")
+    assert_same_bits(
+        serialization.to_state_dict(resumed.state), serialization.to_state_dict(whole.state)
+    )
+    plain = train_and_evaluate(small(epochs=2), tmp_path / "c")
+    assert not np.array_equal(
+        np.asarray(plain.state.params["fc3"]["bias"]), np.asarray(whole.state.params["fc3"]["bias"])
+    )
