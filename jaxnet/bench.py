@@ -34,7 +34,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxnet.io import atomic_write
 
 __all__ = [
     "BenchConfig",
@@ -522,17 +523,8 @@ def format_results(results: dict[str, Any]) -> str:
 
 def write_json(results: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``results`` as JSON, atomically (temporary file in the same folder, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(results, indent=2)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:

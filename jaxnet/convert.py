@@ -16,7 +16,6 @@ missing key, unexpected key and shape mismatch is reported in one error.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from jaxnet.io import atomic_write
 
 __all__ = [
     "IMAGE_SIZE",
@@ -303,24 +304,6 @@ def _load(path: PathLike) -> Mapping[str, Any]:
     )
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: no half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates the file 0600; give it the mode a plain open() would (umask applied).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # The two directions
 # ---------------------------------------------------------------------------------------------
@@ -462,12 +445,12 @@ def _save(arrays: Mapping[str, np.ndarray], path: Path) -> None:
     if suffix == ".safetensors":
         from safetensors.numpy import save_file
 
-        _atomic_write(path, lambda tmp: save_file(dict(arrays), tmp))
+        atomic_write(path, lambda tmp: save_file(dict(arrays), tmp))
     elif suffix in (".pt", ".pth"):
         import torch
 
         tensors = {k: torch.from_numpy(a) for k, a in arrays.items()}
-        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
     else:
         raise WeightFileError(
             f"{path}: unknown weight file type {suffix!r}; use .pt, .pth or .safetensors."

@@ -53,6 +53,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxnet import losses, optim
+from jaxnet.io import atomic_write
 from jaxnet.model import Net
 from jaxnet.train import Batch, TrainState, create_train_state, train_step
 
@@ -388,9 +389,12 @@ def write_params_npz(path: str | os.PathLike, params: Any) -> None:
         jax.tree_util.keystr(k): np.asarray(v)
         for k, v in jax.tree_util.tree_leaves_with_path(params)
     }
-    tmp = f"{os.fspath(path)}.tmp.npz"
-    np.savez(tmp, **flat)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **flat)
+
+    atomic_write(path, write)
 
 
 def read_params_npz(path: str | os.PathLike, net: Net) -> Any:

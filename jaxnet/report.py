@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jaxnet.convert import _atomic_write
+from jaxnet.io import atomic_write
 
 __all__ = ["Diagnosis", "diagnose", "plot_curves", "write_metrics"]
 
@@ -99,7 +99,7 @@ def write_metrics(history: History, path: str | os.PathLike) -> None:
 
 def _write(path: Path, write: Any) -> None:
     """Atomic write (temp file + rename), with the mode a plain open() would give."""
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def plot_curves(

@@ -30,9 +30,7 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +43,7 @@ import optax
 
 from jaxnet import losses, optim, schedules
 from jaxnet.convert import PathLike, nhwc_to_nchw, params_from_torch, params_to_torch
+from jaxnet.io import atomic_write
 from jaxnet.model import Net
 from jaxnet.train import TrainState, loss_fn
 
@@ -685,7 +684,7 @@ class Report:
     def save_json(self, path: PathLike) -> None:
         """The whole per-step record as JSON, written atomically."""
         text = json.dumps(self.to_dict(), indent=1, default=_json_default, allow_nan=True)
-        _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
     def plot(self, path: PathLike) -> None:
         """Drift vs noise floor per step (log scale), written atomically (PNG/PDF/SVG)."""
@@ -726,7 +725,7 @@ class Report:
             fontsize=9,
         )
         p = Path(path)
-        _atomic_write(p, lambda tmp: fig.savefig(tmp, dpi=80, format=p.suffix.lstrip(".") or "png"))
+        atomic_write(p, lambda tmp: fig.savefig(tmp, dpi=80, format=p.suffix.lstrip(".") or "png"))
         plt.close(fig)
 
 
@@ -740,22 +739,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
