@@ -4,14 +4,13 @@ feature-map figure, for ``Net``)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxnet.io import save_figure
 from jaxnet.model import Net
-from jaxnet.report import _write
 
 __all__ = ["conv_activations", "plot_features"]
 
@@ -67,10 +66,4 @@ def plot_features(
     fig.suptitle(title or "conv activations (after ReLU)", fontsize=10)
     fig.tight_layout()
 
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=80)
-
-    try:
-        _write(Path(path), write)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=80)

@@ -6,8 +6,9 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "save_figure"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -31,3 +32,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 80) -> None:
+    """Save a matplotlib figure atomically (format from the suffix, PNG by default) and close
+    it, also when saving fails, so figures never pile up in pyplot's registry."""
+    import matplotlib.pyplot as plt
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi))
+    finally:
+        plt.close(fig)

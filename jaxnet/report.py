@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jaxnet.io import atomic_write
+from jaxnet.io import atomic_write, save_figure
 
 __all__ = ["Diagnosis", "diagnose", "plot_curves", "write_metrics"]
 
@@ -94,11 +94,6 @@ def write_metrics(history: History, path: str | os.PathLike) -> None:
     def write(tmp: str) -> None:
         Path(tmp).write_text(text)
 
-    _write(Path(path), write)
-
-
-def _write(path: Path, write: Any) -> None:
-    """Atomic write (temp file + rename), with the mode a plain open() would give."""
     atomic_write(path, write)
 
 
@@ -127,13 +122,7 @@ def plot_curves(
     fig.text(0.5, 0.01, _wrap(diagnosis.text, 120), ha="center", va="bottom", fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 0.93))
 
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=90)
-
-    try:
-        _write(Path(path), write)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def _wrap(text: str, width: int) -> str:

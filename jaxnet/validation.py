@@ -43,7 +43,7 @@ import optax
 
 from jaxnet import losses, optim, schedules
 from jaxnet.convert import PathLike, nhwc_to_nchw, params_from_torch, params_to_torch
-from jaxnet.io import atomic_write
+from jaxnet.io import atomic_write, save_figure
 from jaxnet.model import Net
 from jaxnet.train import TrainState, loss_fn
 
@@ -724,9 +724,7 @@ class Report:
             f"{c['batch_size']}, {c['device']}",
             fontsize=9,
         )
-        p = Path(path)
-        atomic_write(p, lambda tmp: fig.savefig(tmp, dpi=80, format=p.suffix.lstrip(".") or "png"))
-        plt.close(fig)
+        save_figure(fig, path, dpi=80)
 
 
 def _fmt_opts(opts: Mapping[str, Any]) -> str:
