@@ -478,7 +478,10 @@ def format_results(results: dict[str, Any]) -> str:
         f"{m['cpu_count']} CPUs; torch {m.get('torch_version', '-')} on "
         f"{m.get('torch_device', '-')} with {m.get('torch_threads', '-')} threads; "
         f"float32 matmul peak {m['matmul_peak_gflops']:.1f} GFLOP/s; "
-        f"dtype {results['config']['dtype']}",
+        f"dtype {results['config']['dtype']}"
+        + {True: "; glibc malloc thresholds raised (jaxnet.host.tune_malloc)", False: ""}.get(
+            m.get("malloc_tuned"), ""
+        ),
         "",
         "| batch | jaxnet steps/s | samples/s | torch eager steps/s | jaxnet / torch | "
         "donated / torch | scan / torch | torch.compile / torch | eval: jaxnet / torch |",

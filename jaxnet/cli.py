@@ -49,12 +49,28 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (ValueError, CheckpointError, WeightFileError, NonFiniteLossError, FileNotFoundError)
 
 
+def _tune_malloc(args: argparse.Namespace) -> bool:
+    from jaxnet.host import tune_malloc
+
+    return False if args.malloc_defaults else tune_malloc()
+
+
+def _add_malloc_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="keep glibc's malloc thresholds (default: raise them, jaxnet.host.tune_malloc; "
+        "XLA:CPU's per-step buffers then stop costing page faults)",
+    )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import signal
 
     from jaxnet import parallel
     from jaxnet.train import TrainConfig, train_and_evaluate
 
+    _tune_malloc(args)
     try:  # before any other JAX call
         parallel.initialize_distributed(
             args.coordinator_address, args.num_processes, args.process_id
@@ -164,7 +180,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         torch_compile=not args.no_torch_compile,
         dtype=args.dtype,
     )
+    tuned = _tune_malloc(args)
     results = run_bench(cfg)
+    results["machine"]["malloc_tuned"] = tuned
     print(format_results(results))
     if args.json:
         write_json(results, args.json)
@@ -302,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--process-id", type=int, help=f"this process' index (default: ${par.PROCESS_ID_ENV})"
     )
+    _add_malloc_flag(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="write trained params as a PyTorch state_dict")
@@ -348,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-torch", action="store_true", help="time jaxnet only")
     p.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    _add_malloc_flag(p)
     p.set_defaults(func=_cmd_bench)
     from jaxnet.validation import DEFAULT_DRIFT_FACTOR, DEFAULT_STEP_FACTOR
 

@@ -285,3 +285,66 @@ def test_in_place_ordering_leaves_params_bit_exact():
             np.testing.assert_array_equal(
                 np.asarray(out[k]).view(np.uint32), np.asarray(params[k]).view(np.uint32)
             )
+
+
+@pytest.mark.parametrize("n", [1, 16, 17, 40, 128, 150])
+def test_chunked_kernel_gradient_equals_one_convolution(n):
+    # n covers: one chunk, a remainder chunk, several unrolled chunks, exactly two scanned
+    # groups of 64, and scanned groups plus an unrolled remainder. The reference is the
+    # kernel gradient in float64 (numpy), so chunking must keep the sum to float32 round-off.
+    from jaxnet import model
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 30, 30, 6), dtype=np.float32)
+    g = rng.standard_normal((n, 28, 28, 16), dtype=np.float32)
+    x64, g64 = x.astype(np.float64), g.astype(np.float64)
+    ref = np.stack(
+        [
+            np.stack(
+                [np.einsum("nhwc,nhwo->co", x64[:, i : i + 28, j : j + 28], g64) for j in range(3)]
+            )
+            for i in range(3)
+        ]
+    )
+    # float32 round-off scale of each entry: eps * sum |x||g| over the n*784 terms.
+    scale = np.finfo(np.float32).eps * np.einsum("nhwc,nhwo->co", np.abs(x64[:, :28, :28]), np.abs(g64))
+    for fn in (model._conv3x3_dkernel_chunked, model._conv3x3_dkernel):
+        out = np.asarray(jax.jit(fn)(x, g), np.float64)
+        assert out.shape == (3, 3, 6, 16)
+        assert np.all(np.abs(out - ref) <= 4 * scale), (fn.__name__, np.max(np.abs(out - ref) / scale))
+
+
+def test_cpu_kernel_gradient_is_lowered_in_chunks_of_16():
+    # XLA:CPU gives a convolution to YNNPACK (6-7x slower here) when a feature axis is longer
+    # than 16: the kernel gradient must reach XLA as convolutions over at most 16 samples.
+    from jaxnet import model
+
+    def lowered_convolutions(n: int) -> list[str]:
+        x, g = jnp.zeros((n, 30, 30, 6)), jnp.zeros((n, 28, 28, 16))
+        text = jax.jit(model._conv3x3_dkernel).lower(x, g).as_text()
+        return [line for line in text.splitlines() if "stablehlo.convolution" in line]
+
+    assert len(lowered_convolutions(16)) == 1
+    assert len(lowered_convolutions(40)) == 3  # 16 + 16 + 8
+    assert len(lowered_convolutions(256)) == 4  # a lax.scan over 4 groups of 4 chunks
+    for line in lowered_convolutions(150):  # 2 scanned groups of 64, then 16 + 6
+        assert "[b, 0, 1, f]x[0, 1, i, o]" in line, line
+        lhs_type = line.rsplit(" : (", 1)[1].split("tensor<")[1]  # e.g. "6x30x30x16xf32>, "
+        assert int(lhs_type.split("x")[3]) <= 16, line  # the contracted feature axis
+
+
+def test_compiled_step_gives_no_convolution_to_ynnpack():
+    state = jaxnet.create_train_state(jax.random.key(0), jaxnet.Net(), optim.sgd(0.01, 0.9))
+    x, y = _data(256)
+    text = jaxnet.train_step.lower(state, (x, y)).compile().as_text()
+    assert " convolution(" in text
+    ynn_bodies = {
+        line.split("calls=")[1].split(",")[0].strip()
+        for line in text.splitlines()
+        if '"__ynn_fusion"' in line and "calls=" in line
+    }
+    computations = text.split("\n\n")
+    for body in ynn_bodies:
+        for comp in computations:
+            if comp.lstrip().startswith(body + " ") or f"\n{body} " in comp:
+                assert " convolution(" not in comp, comp
