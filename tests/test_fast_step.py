@@ -307,11 +307,16 @@ def test_chunked_kernel_gradient_equals_one_convolution(n):
         ]
     )
     # float32 round-off scale of each entry: eps * sum |x||g| over the n*784 terms.
-    scale = np.finfo(np.float32).eps * np.einsum("nhwc,nhwo->co", np.abs(x64[:, :28, :28]), np.abs(g64))
+    scale = np.finfo(np.float32).eps * np.einsum(
+        "nhwc,nhwo->co", np.abs(x64[:, :28, :28]), np.abs(g64)
+    )
     for fn in (model._conv3x3_dkernel_chunked, model._conv3x3_dkernel):
         out = np.asarray(jax.jit(fn)(x, g), np.float64)
         assert out.shape == (3, 3, 6, 16)
-        assert np.all(np.abs(out - ref) <= 4 * scale), (fn.__name__, np.max(np.abs(out - ref) / scale))
+        assert np.all(np.abs(out - ref) <= 4 * scale), (
+            fn.__name__,
+            np.max(np.abs(out - ref) / scale),
+        )
 
 
 def test_cpu_kernel_gradient_is_lowered_in_chunks_of_16():
