@@ -10,6 +10,10 @@ Variants per batch size (PyTorch ones only when torch is installed):
 * ``jax_donated``: ``jaxnet.train_step_donated`` (updates the state in place);
 * ``jax_scan``: ``jaxnet.train_steps`` over a stack of ``scan_steps`` batches, per step;
 * ``jax_eval``: ``jaxnet.eval_step`` (forward, loss, accuracy);
+* ``jax_fc1_matmuls``: fc1's three matmuls alone (forward ``a @ W``, input gradient
+  ``g @ W.T``, kernel gradient ``a.T @ g``). Every training step of this network does them, and
+  they are ~85% of its FLOPs, so ``torch_step`` time / this time bounds the speed-up over
+  PyTorch that any XLA step could reach on this machine (the "ceiling" column);
 * ``torch_step``: ``zero_grad(); cross_entropy(net(x), y).backward(); opt.step()`` with
   ``torch.optim.SGD(lr, momentum=0.9)``; ``torch_eval``: its forward and loss under
   ``no_grad``;
@@ -50,6 +54,7 @@ __all__ = [
     "BenchConfig",
     "format_results",
     "matmul_peak_gflops",
+    "FC1_TRAIN_FLOPS_PER_SAMPLE",
     "net_flops",
     "run_bench",
     "write_json",
@@ -83,6 +88,9 @@ class BenchConfig:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}.")
         if self.reps < 1 or self.warmup < 0 or self.scan_steps < 1:
             raise ValueError("reps and scan_steps must be >= 1 and warmup >= 0.")
+
+
+FC1_TRAIN_FLOPS_PER_SAMPLE = 3 * 2 * 12544 * 512  # forward, input and kernel gradient
 
 
 def net_flops(batch_size: int, num_classes: int = 2, train: bool = True) -> int:
@@ -261,6 +269,12 @@ def _jax_variants(cfg: BenchConfig, params: Any, x: np.ndarray, y: np.ndarray) -
             xla_memory=lambda: _xla_peak_mb(jaxnet.eval_step, eval_state, (xb, yb)),
         )
     )
+    fc1_matmuls = jax.jit(lambda a, w, g: (a @ w, g @ w.T, a.T @ g))
+    keys = jax.random.split(jax.random.key(cfg.seed), 2)
+    w = jnp.asarray(params["fc1"]["kernel"], xb.dtype if dtype is None else dtype)
+    a = jax.random.normal(keys[0], (xb.shape[0], w.shape[0]), w.dtype)
+    g = jax.random.normal(keys[1], (xb.shape[0], w.shape[1]), w.dtype)
+    out.append(_Variant("jax_fc1_matmuls", "jax", lambda: fc1_matmuls(a, w, g), _jax_sync))
     return out
 
 
@@ -391,6 +405,8 @@ def _bench_batch(
     for v in variants:
         step_s = statistics.median(v.times)
         f = eval_flops if v.name.endswith("_eval") else flops
+        if v.name == "jax_fc1_matmuls":
+            f = FC1_TRAIN_FLOPS_PER_SAMPLE * batch_size
         result["variants"][v.name] = {
             "median_step_s": step_s,
             "min_step_s": min(v.times),
@@ -500,8 +516,9 @@ def format_results(results: dict[str, Any]) -> str:
         "",
         "| batch | GFLOP/s: step / donated / scan / torch | % of matmul peak: step / donated "
         "/ scan / torch | first call s: jaxnet / torch.compile | MB: jaxnet XLA buffers / "
-        "peak growth jaxnet / torch |",
-        "|---|---|---|---|---|",
+        "peak growth jaxnet / torch | fc1 matmuls alone: ms (% of peak) | ceiling: torch / "
+        "fc1 matmuls |",
+        "|---|---|---|---|---|---|---|",
     ]
     names = ("jax_step", "jax_donated", "jax_scan", "torch_step")
     for r in results["batches"]:
@@ -520,7 +537,16 @@ def format_results(results: dict[str, Any]) -> str:
                 _get(r, "torch_step", "peak_mb", ".0f"),
             )
         )
-        lines.append(f"| {r['batch_size']} | {gf} | {pct} | {first} | {mem} |")
+        fc1 = r["variants"].get("jax_fc1_matmuls")
+        fc1_text = (
+            "-"
+            if fc1 is None
+            else f"{1e3 * fc1['median_step_s']:.1f} ({100 * fc1['fraction_of_peak']:.0f}%)"
+        )
+        ceiling = _ratio(r, "jax_fc1_matmuls", "torch_step")
+        lines.append(
+            f"| {r['batch_size']} | {gf} | {pct} | {first} | {mem} | {fc1_text} | {ceiling} |"
+        )
     return "\n".join(lines)
 
 

@@ -252,6 +252,7 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
         "--scan-steps",
         "2",
         "--no-torch-compile",
+        "--malloc-defaults",  # leave this test process' malloc as it is
         "--json",
         str(path),
     ]
@@ -266,9 +267,12 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
         "jax_donated",
         "jax_scan",
         "jax_eval",
+        "jax_fc1_matmuls",
         "torch_step",
         "torch_eval",
     }
+    assert results["machine"]["malloc_tuned"] is False
+    assert "fc1 matmuls alone" in text
     for v in batch["variants"].values():
         assert v["steps_per_s"] > 0 and v["gflops_per_s"] > 0 and v["first_call_s"] > 0
     assert [p.name for p in path.parent.iterdir()] == ["bench.json"]  # no temporary left

@@ -60,3 +60,11 @@ def test_tune_malloc_removes_the_per_step_page_faults():
     assert tuned["applied"] is True
     # 500 pages = 2 MB of fresh memory per step; untuned it is ~47 MB (~12,000 pages).
     assert tuned["faults_per_step"] < 500, tuned
+
+
+def test_train_and_bench_tune_malloc_unless_told_not_to():
+    from jaxnet.cli import build_parser
+
+    for command in ("train", "bench"):
+        assert build_parser().parse_args([command]).malloc_defaults is False
+        assert build_parser().parse_args([command, "--malloc-defaults"]).malloc_defaults is True
