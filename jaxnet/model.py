@@ -129,11 +129,35 @@ def _conv3x3_dkernel(x: jax.Array, g: jax.Array) -> jax.Array:
     )
 
 
-def _conv3x3_dinput(g: jax.Array, kernel: jax.Array) -> jax.Array:
+def _conv3x3_dinput_conv(g: jax.Array, kernel: jax.Array) -> jax.Array:
     # The transposed convolution: g padded by 2, correlated with the flipped, I/O-swapped kernel.
     k = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
     return jax.lax.conv_general_dilated(
         g, k, (1, 1), ((2, 2), (2, 2)), dimension_numbers=_CONV_DIMS
+    )
+
+
+def _conv3x3_dinput_taps(g: jax.Array, kernel: jax.Array) -> jax.Array:
+    # dL/dx[n, y, x, c] = sum_{i,j,o} g[n, y-i, x-j, o] kernel[i, j, c, o]. One matmul gives
+    # every tap's term at once, (N*H*W, O) @ (O, 9*C), and one fused loop adds the 9 shifted,
+    # zero-padded slices. XLA:CPU runs this 1.4-2x faster than its transposed convolution
+    # (batch 256: 8 ms against 16 ms; the training step at batch 128: 45 ms against 51 ms).
+    n, h, w, o = g.shape
+    c = kernel.shape[2]
+    taps = g.reshape(n * h * w, o) @ kernel.transpose(3, 0, 1, 2).reshape(o, 9 * c)
+    taps = taps.reshape(n, h, w, 3, 3, c)
+    placed = (
+        jnp.pad(taps[:, :, :, i, j, :], ((0, 0), (i, 2 - i), (j, 2 - j), (0, 0)))
+        for i in range(3)
+        for j in range(3)
+    )
+    return functools.reduce(jnp.add, placed)
+
+
+def _conv3x3_dinput(g: jax.Array, kernel: jax.Array) -> jax.Array:
+    # Lowered for the platform the step runs on; elsewhere the convolution (cuDNN on GPU).
+    return jax.lax.platform_dependent(
+        g, kernel, cpu=_conv3x3_dinput_taps, default=_conv3x3_dinput_conv
     )
 
 
@@ -147,8 +171,10 @@ def conv3x3_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array, shifted: bool
     ``shifted=True`` computes the forward pass as a fused sum of 9*C shifted slices, ~15x
     faster than XLA:CPU's convolution for C=1 (conv1) at batch 256; for larger C it loses,
     because XLA fuses the sum again into each consumer of the output. The backward pass is
-    written out as two convolutions (input and kernel gradients) in the layouts XLA:CPU runs
-    fastest, also inside ``lax.scan``.
+    written out: on CPU the input gradient as one matmul over all taps plus a fused shifted
+    sum, and the kernel gradient as convolutions over chunks of at most 16 samples, in the
+    layouts XLA:CPU runs fastest, also inside ``lax.scan``; on other platforms, two plain
+    convolutions.
     """
     z = _conv3x3_shifted(x, kernel) if shifted else _conv3x3_xla(x, kernel)
     return jax.nn.relu(z + bias)

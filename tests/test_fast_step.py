@@ -314,13 +314,34 @@ def test_chunked_kernel_gradient_equals_one_convolution(n):
     scale = np.finfo(np.float32).eps * np.einsum(
         "nhwc,nhwo->co", np.abs(x64[:, :28, :28]), np.abs(g64)
     )
-    for fn in (model._conv3x3_dkernel_chunked, model._conv3x3_dkernel):
+    fns = (model._conv3x3_dkernel_chunked, model._conv3x3_dkernel, model._conv3x3_dkernel_single)
+    for fn in fns:
         out = np.asarray(jax.jit(fn)(x, g), np.float64)
         assert out.shape == (3, 3, 6, 16)
         assert np.all(np.abs(out - ref) <= 4 * scale), (
             fn.__name__,
             np.max(np.abs(out - ref) / scale),
         )
+
+
+@pytest.mark.parametrize(("n", "cin", "cout"), [(1, 1, 6), (5, 6, 16), (64, 6, 16)])
+def test_input_gradient_forms_agree(n, cin, cout):
+    # The CPU form (one matmul over the 9 taps + shifted sum) and the transposed convolution
+    # used on other platforms, both against float64 numpy.
+    from jaxnet import model
+
+    rng = np.random.default_rng(n)
+    g = rng.standard_normal((n, 10, 9, cout), dtype=np.float32)
+    k = rng.standard_normal((3, 3, cin, cout), dtype=np.float32)
+    g64, k64 = g.astype(np.float64), k.astype(np.float64)
+    ref = np.zeros((n, 12, 11, cin))
+    for i in range(3):
+        for j in range(3):
+            ref[:, i : i + 10, j : j + 9] += np.einsum("nhwo,co->nhwc", g64, k64[i, j])
+    for fn in (model._conv3x3_dinput_taps, model._conv3x3_dinput_conv, model._conv3x3_dinput):
+        out = np.asarray(jax.jit(fn)(g, k), np.float64)
+        assert out.shape == ref.shape
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
 def test_cpu_kernel_gradient_is_lowered_in_chunks_of_16():
