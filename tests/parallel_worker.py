@@ -86,6 +86,10 @@ def main(out: Path) -> None:
     )
     compiled = train_step.lower(state8, (images, labels), losses.cross_entropy).compile()
     result["compiled_all_reduce"] = "all-reduce" in compiled.as_text()
+    # Data parallelism moves gradients only: no activation is gathered or permuted.
+    result["compiled_gathers"] = sum(
+        compiled.as_text().count(op) for op in ("all-gather", "collective-permute", "all-to-all")
+    )
     # eval_step, unchanged, on the sharded batch and state vs one device.
     m8 = eval_step(state8, (images, labels))
     m1 = eval_step(

@@ -356,8 +356,8 @@ def test_cpu_kernel_gradient_is_lowered_in_chunks_of_16():
 
     assert len(lowered_convolutions(16)) == 1
     assert len(lowered_convolutions(40)) == 3  # 16 + 16 + 8
-    assert len(lowered_convolutions(256)) == 4  # a lax.scan over 4 groups of 4 chunks
-    for line in lowered_convolutions(150):  # 2 scanned groups of 64, then 16 + 6
+    assert len(lowered_convolutions(256)) == 4  # a loop over 4 groups of 4 chunks
+    for line in lowered_convolutions(150):  # 2 scanned groups of 4 chunks, 1 chunk, 6 samples
         assert "[b, 0, 1, f]x[0, 1, i, o]" in line, line
         lhs_type = line.rsplit(" : (", 1)[1].split("tensor<")[1]  # e.g. "6x30x30x16xf32>, "
         assert int(lhs_type.split("x")[3]) <= 16, line  # the contracted feature axis

@@ -116,6 +116,7 @@ def test_sharded_step_equals_single_device_step(eight):
     assert r["local_rows_8"] == list(range(BATCH))
     assert r["state_replicated_1"] and r["state_replicated_10"]
     assert r["compiled_all_reduce"]
+    assert r["compiled_gathers"] == 0  # e.g. the CPU kernel gradient's chunks span all devices
     (loss1, loss8), (acc1, acc8) = r["eval"]["loss"], r["eval"]["accuracy"]
     assert abs(loss8 - loss1) <= 1e-6 and acc8 == acc1
     assert all(r[k] == ["float32"] for k in r if k.startswith("dtypes_"))
