@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from jax.sharding import Mesh
 
 __all__ = [
-    "CRITERIA",
     "Batch",
+    "CRITERIA",
     "Criterion",
     "EpochProgress",
     "NonFiniteLossError",
@@ -43,6 +43,7 @@ __all__ = [
     "create_train_state",
     "eval_step",
     "evaluate",
+    "ignored_label",
     "loss_fn",
     "make_criterion",
     "make_optimizer",
@@ -107,14 +108,28 @@ def _raise_bad_labels(low: Any, high: Any, num_classes: int) -> None:
     )
 
 
-def _guard_labels(targets: jax.Array, num_classes: int) -> None:
+def ignored_label(criterion: Criterion) -> int | None:
+    """The class-index target ``criterion`` skips: its ``ignore_index`` keyword when it is a
+    ``functools.partial`` that sets one, torch's default -100 for ``losses.cross_entropy``, and
+    None (every label must be a class) for the other criteria."""
+    keywords: dict[str, Any] = {}
+    while isinstance(criterion, functools.partial):
+        keywords = {**criterion.keywords, **keywords}
+        criterion = criterion.func
+    if "ignore_index" in keywords:
+        return int(keywords["ignore_index"])
+    return -100 if criterion is losses.cross_entropy else None
+
+
+def _guard_labels(targets: jax.Array, num_classes: int, ignore: int | None) -> None:
     """Inside jit: raise (through a host callback) if an integer label is out of range.
 
-    Only integer targets are class indices. torch's ``ignore_index`` (-100) stays allowed.
+    Only integer targets are class indices; those equal to ``ignore`` (the criterion's
+    ``ignore_index``, see ``ignored_label``) stay allowed.
     """
     if not jnp.issubdtype(targets.dtype, jnp.integer) or targets.size == 0:
         return
-    kept = targets != -100
+    kept = targets != ignore if ignore is not None else jnp.ones(targets.shape, bool)
     low = jnp.min(jnp.where(kept, targets, 0))
     high = jnp.max(jnp.where(kept, targets, 0))
     jax.lax.cond(
@@ -124,10 +139,12 @@ def _guard_labels(targets: jax.Array, num_classes: int) -> None:
     )
 
 
-def _metrics(loss: jax.Array, logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+def _metrics(
+    loss: jax.Array, logits: jax.Array, targets: jax.Array, ignore: int | None
+) -> dict[str, jax.Array]:
     metrics = {"loss": loss}
     if jnp.issubdtype(targets.dtype, jnp.integer) and targets.shape == logits.shape[:1]:
-        kept = targets != -100
+        kept = targets != ignore if ignore is not None else jnp.ones(targets.shape, bool)
         hits = (jnp.argmax(logits, axis=-1) == targets) & kept
         metrics["accuracy"] = jnp.sum(hits) / jnp.maximum(jnp.sum(kept), 1)
     return metrics
@@ -140,10 +157,11 @@ def _step(
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.apply_fn, batch, criterion
     )
-    _guard_labels(targets, logits.shape[-1])
+    ignore = ignored_label(criterion)
+    _guard_labels(targets, logits.shape[-1], ignore)
     if in_place:  # only then: it costs the non-donated step a transposed copy of fc1's kernel
         state = state.replace(params=_after_gradients(grads, state.params))
-    return state.apply_gradients(grads=grads), _metrics(loss, logits, targets)
+    return state.apply_gradients(grads=grads), _metrics(loss, logits, targets, ignore)
 
 
 def _train_step(
@@ -155,7 +173,8 @@ def _train_step(
     static: pass the same function object every step (a new ``functools.partial`` each call
     would recompile). Returns ``(new_state, {"loss", and "accuracy" for class-index targets})``,
     where the metrics are those of the parameters *before* the step. Class-index targets outside
-    ``[0, num_classes)`` raise a ``ValueError``.
+    ``[0, num_classes)`` raise a ``ValueError``, except the criterion's ``ignore_index``
+    (``ignored_label``).
     """
     return _step(state, batch, criterion, in_place=False)
 
@@ -238,8 +257,9 @@ def eval_step(
     """Loss (and accuracy for class-index targets) of ``state.params`` on ``batch``; no update."""
     _, targets = batch
     loss, logits = loss_fn(state.params, state.apply_fn, batch, criterion)
-    _guard_labels(targets, logits.shape[-1])
-    return _metrics(loss, logits, targets)
+    ignore = ignored_label(criterion)
+    _guard_labels(targets, logits.shape[-1], ignore)
+    return _metrics(loss, logits, targets, ignore)
 
 
 # =============================================================================================

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,6 +195,39 @@ def test_train_step_rejects_out_of_range_labels(net):
         jax.block_until_ready(jaxnet.train_step(state, batch, jaxnet.losses.cross_entropy))
     with pytest.raises(Exception, match=r"labels must lie in \[0, 2\)"):
         jax.block_until_ready(jaxnet.eval_step(state, batch, jaxnet.losses.cross_entropy))
+
+
+# A criterion partial with its own ignore_index: module level, so the static argument is the
+# same object in every call.
+CE_IGNORING_5 = functools.partial(jaxnet.losses.cross_entropy, ignore_index=5)
+
+
+def test_label_guard_follows_the_criterions_ignore_index(net):
+    from jaxnet.train import CRITERIA, ignored_label
+
+    assert ignored_label(jaxnet.losses.cross_entropy) == -100
+    assert ignored_label(CE_IGNORING_5) == 5
+    assert ignored_label(functools.partial(CE_IGNORING_5, label_smoothing=0.1)) == 5
+    assert ignored_label(CRITERIA["mse"]) is None
+    params = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
+    state = jaxnet.TrainState.create(apply_fn=net.apply, params=params, tx=jaxnet.optim.sgd(0.1))
+    images = jax.random.normal(jax.random.key(1), (4, 32, 32, 1))
+    # With ignore_index=5 a 2-class net may get label 5: skipped by the loss, allowed by the
+    # guard, left out of the accuracy.
+    labels = jnp.array([0, 5, 1, 5])
+    metrics = jaxnet.eval_step(state, (images, labels), CE_IGNORING_5)
+    jax.block_until_ready(jaxnet.train_step(state, (images, labels), CE_IGNORING_5))
+    logits = net.apply({"params": params}, images)
+    hits = np.asarray(jnp.argmax(logits, -1) == labels)[[0, 2]]
+    assert float(metrics["accuracy"]) == pytest.approx(hits.mean())
+    # -100 is torch's default only: with ignore_index=5 it is out of range.
+    with pytest.raises(Exception, match=r"labels must lie in \[0, 2\)"):
+        batch = (images, jnp.array([0, -100, 0, 1]))
+        jax.block_until_ready(jaxnet.train_step(state, batch, CE_IGNORING_5))
+    # mse on labels has no ignore_index: -100 would silently become an all-zero one-hot target.
+    with pytest.raises(Exception, match=r"labels must lie in \[0, 2\)"):
+        batch = (images, jnp.array([0, -100, 0, 1]))
+        jax.block_until_ready(jaxnet.train_step(state, batch, CRITERIA["mse"]))
 
 
 def test_train_step_rejects_wrong_target_shape(net):
