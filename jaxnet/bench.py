@@ -133,22 +133,12 @@ def matmul_peak_gflops(n: int | None = None, reps: int = 7) -> float:
     return 2 * n**3 / min(times) / 1e9
 
 
-def _read_hwm_bytes() -> int | None:
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in bytes; None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _read_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -178,7 +168,7 @@ class _Memory:
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # resets VmHWM to the current RSS
-                self.start = _read_rss_bytes()
+                self.start = _proc_status_bytes("VmRSS")
             except OSError:
                 self.start = None
         return self
@@ -196,7 +186,7 @@ class _Memory:
 
             peak = torch.cuda.max_memory_allocated()
         else:
-            peak = _read_hwm_bytes()
+            peak = _proc_status_bytes("VmHWM")
         return None if peak is None else max(peak - self.start, 0) / 2**20
 
 
