@@ -12,26 +12,25 @@ from jaxnet.convert import (
     params_from_torch,
     params_to_torch,
 )
+from jaxnet.errors import JaxnetError
 from jaxnet.model import Net, summary
-from jaxnet.train import (
-    TrainConfig,
+from jaxnet.step import (
     TrainState,
     create_train_state,
     eval_step,
-    evaluate,
     loss_fn,
     per_example_grad_norms,
-    train_and_evaluate,
-    train_epoch,
     train_step,
     train_step_donated,
     train_steps,
 )
+from jaxnet.train import TrainConfig, evaluate, train_and_evaluate, train_epoch
 from jaxnet.validation import validate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "JaxnetError",
     "Net",
     "TrainConfig",
     "TrainState",

@@ -7,9 +7,9 @@ variant alike and the *ratios* stay meaningful on a busy machine; absolute figur
 Variants per batch size (PyTorch ones only when torch is installed):
 
 * ``jax_step``: ``jaxnet.train_step`` (the default, non-donating step);
-* ``jax_donated``: ``jaxnet.train_step_donated`` (updates the state in place);
+* ``jax_donated``: ``step.train_step_donated`` (updates the state in place);
 * ``jax_scan``: ``jaxnet.train_steps`` over a stack of ``scan_steps`` batches, per step;
-* ``jax_eval``: ``jaxnet.eval_step`` (forward, loss, accuracy);
+* ``jax_eval``: ``step.eval_step`` (forward, loss, accuracy);
 * ``jax_fc1_matmuls``: fc1's three matmuls alone (forward ``a @ W``, input gradient
   ``g @ W.T``, kernel gradient ``a.T @ g``). Every training step of this network does them, and
   they are ~85% of its FLOPs, so ``torch_step`` time / this time bounds the speed-up over
@@ -39,7 +39,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnet import optim, step
+from jaxnet.convert import params_from_torch
 from jaxnet.io import atomic_write
+from jaxnet.model import Net, init_params
 
 __all__ = [
     "BenchConfig",
@@ -218,14 +221,12 @@ def _jax_sync(out: Any) -> None:
 
 
 def _jax_variants(cfg: BenchConfig, params: Any, x: np.ndarray, y: np.ndarray) -> list[_Variant]:
-    import jaxnet
-
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else None
-    net = jaxnet.Net(dtype=dtype)
-    tx = jaxnet.optim.sgd(cfg.lr, momentum=cfg.momentum)
+    net = Net(dtype=dtype)
+    tx = optim.sgd(cfg.lr, momentum=cfg.momentum)
     xb, yb = jnp.asarray(x), jnp.asarray(y)
     # Each variant owns its state: the donated one deletes the state it is given.
-    new_state = lambda: jaxnet.create_train_state(  # noqa: E731
+    new_state = lambda: step.create_train_state(  # noqa: E731
         None, net, tx, jax.tree.map(jnp.array, params)
     )
     out: list[_Variant] = []
@@ -247,17 +248,17 @@ def _jax_variants(cfg: BenchConfig, params: Any, x: np.ndarray, y: np.ndarray) -
         )
 
     stack = (jnp.stack([xb] * cfg.scan_steps), jnp.stack([yb] * cfg.scan_steps))
-    out.append(variant("jax_step", jaxnet.train_step, (xb, yb)))
-    out.append(variant("jax_donated", jaxnet.train_step_donated, (xb, yb)))
-    out.append(variant("jax_scan", jaxnet.train_steps, stack, cfg.scan_steps))
+    out.append(variant("jax_step", step.train_step, (xb, yb)))
+    out.append(variant("jax_donated", step.train_step_donated, (xb, yb)))
+    out.append(variant("jax_scan", step.train_steps, stack, cfg.scan_steps))
     eval_state = new_state()
     out.append(
         _Variant(
             "jax_eval",
             "jax",
-            lambda: jaxnet.eval_step(eval_state, (xb, yb))["loss"],
+            lambda: step.eval_step(eval_state, (xb, yb))["loss"],
             _jax_sync,
-            xla_memory=lambda: _xla_peak_mb(jaxnet.eval_step, eval_state, (xb, yb)),
+            xla_memory=lambda: _xla_peak_mb(step.eval_step, eval_state, (xb, yb)),
         )
     )
     fc1_matmuls = jax.jit(lambda a, w, g: (a @ w, g @ w.T, a.T @ g))
@@ -415,7 +416,6 @@ def _bench_batch(
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark; returns a JSON-able dict (``machine``, ``config``, ``batches``)."""
-    import jaxnet
 
     torch_ok = cfg.torch
     state_dict: Any = None
@@ -429,9 +429,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             torch_ok = False
     if torch_ok:
         state_dict = make_torch_net(cfg.seed).state_dict()
-        params = jaxnet.params_from_torch(state_dict)
+        params = params_from_torch(state_dict)
     else:
-        params = jaxnet.Net().init(jax.random.key(cfg.seed), jnp.zeros((1, 32, 32, 1)))["params"]
+        params = init_params(Net(), jax.random.key(cfg.seed))
     cfg_used = BenchConfig(**{**asdict(cfg), "torch": torch_ok})
     peak = matmul_peak_gflops()
     machine = {
@@ -503,42 +503,47 @@ def format_results(results: dict[str, Any]) -> str:
             f"| {_ratio(r, 'jax_scan', 'torch_step')} | {_ratio(r, 'compile_step', 'torch_step')} "
             f"| {_ratio(r, 'jax_eval', 'torch_eval')} |"
         )
-    lines += [
-        "",
+    lines += ["", *_detail_table(results["batches"])]
+    return "\n".join(lines)
+
+
+def _detail_row(r: dict[str, Any]) -> str:
+    names = ("jax_step", "jax_donated", "jax_scan", "torch_step")
+    gf = " / ".join(_get(r, n, "gflops_per_s", ".1f") for n in names)
+    pct = " / ".join(
+        "-" if n not in r["variants"] else f"{100 * r['variants'][n]['fraction_of_peak']:.0f}%"
+        for n in names
+    )
+    first = f"{_get(r, 'jax_step', 'first_call_s', '.2f')} / " + _get(
+        r, "compile_step", "first_call_s", ".1f"
+    )
+    mem = " / ".join(
+        (
+            _get(r, "jax_step", "xla_buffers_mb", ".0f"),
+            _get(r, "jax_step", "peak_mb", ".0f"),
+            _get(r, "torch_step", "peak_mb", ".0f"),
+        )
+    )
+    fc1 = r["variants"].get("jax_fc1_matmuls")
+    fc1_text = (
+        "-"
+        if fc1 is None
+        else f"{1e3 * fc1['median_step_s']:.1f} ({100 * fc1['fraction_of_peak']:.0f}%)"
+    )
+    ceiling = _ratio(r, "jax_fc1_matmuls", "torch_step")
+    return f"| {r['batch_size']} | {gf} | {pct} | {first} | {mem} | {fc1_text} | {ceiling} |"
+
+
+def _detail_table(batches: list[dict[str, Any]]) -> list[str]:
+    """FLOP rates, share of the matmul peak, first-call times, memory and the fc1 ceiling."""
+    return [
         "| batch | GFLOP/s: step / donated / scan / torch | % of matmul peak: step / donated "
         "/ scan / torch | first call s: jaxnet / torch.compile | MB: jaxnet XLA buffers / "
         "peak growth jaxnet / torch | fc1 matmuls alone: ms (% of peak) | ceiling: torch / "
         "fc1 matmuls |",
         "|---|---|---|---|---|---|---|",
+        *(_detail_row(r) for r in batches),
     ]
-    names = ("jax_step", "jax_donated", "jax_scan", "torch_step")
-    for r in results["batches"]:
-        gf = " / ".join(_get(r, n, "gflops_per_s", ".1f") for n in names)
-        pct = " / ".join(
-            "-" if n not in r["variants"] else f"{100 * r['variants'][n]['fraction_of_peak']:.0f}%"
-            for n in names
-        )
-        first = f"{_get(r, 'jax_step', 'first_call_s', '.2f')} / " + _get(
-            r, "compile_step", "first_call_s", ".1f"
-        )
-        mem = " / ".join(
-            (
-                _get(r, "jax_step", "xla_buffers_mb", ".0f"),
-                _get(r, "jax_step", "peak_mb", ".0f"),
-                _get(r, "torch_step", "peak_mb", ".0f"),
-            )
-        )
-        fc1 = r["variants"].get("jax_fc1_matmuls")
-        fc1_text = (
-            "-"
-            if fc1 is None
-            else f"{1e3 * fc1['median_step_s']:.1f} ({100 * fc1['fraction_of_peak']:.0f}%)"
-        )
-        ceiling = _ratio(r, "jax_fc1_matmuls", "torch_step")
-        lines.append(
-            f"| {r['batch_size']} | {gf} | {pct} | {first} | {mem} | {fc1_text} | {ceiling} |"
-        )
-    return "\n".join(lines)
 
 
 def write_json(results: dict[str, Any], path: str | os.PathLike) -> None:
@@ -556,9 +561,3 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     if not sizes or min(sizes) < 1:
         raise ValueError(f"--batch-sizes takes positive integers, got {text!r}.")
     return sizes
-
-
-def main(args: Sequence[str] | None = None) -> int:  # pragma: no cover - thin wrapper
-    from jaxnet.cli import main as cli_main
-
-    return cli_main(["bench", *(args or [])])

@@ -27,6 +27,8 @@ from typing import Any
 
 import jax
 
+from jaxnet.errors import JaxnetError
+
 __all__ = ["FORMAT", "CheckpointError", "Checkpoints"]
 
 FORMAT = "jaxnet-train/1"
@@ -35,7 +37,7 @@ FORMAT = "jaxnet-train/1"
 PathLike = str | os.PathLike
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(JaxnetError, RuntimeError):
     """A checkpoint folder that is missing, foreign, corrupt or from an incompatible run."""
 
 

@@ -37,7 +37,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxnet.convert import IMAGE_SIZE, to_nhwc_images
+from jaxnet.convert import to_nhwc_images
+from jaxnet.errors import JaxnetError
+from jaxnet.images import IMAGE_SIZE
 
 __all__ = [
     "LABEL_RULES",
@@ -61,7 +63,7 @@ LABEL_RULES = {
 }
 
 
-class DataError(ValueError):
+class DataError(JaxnetError, ValueError):
     """Training data that cannot be used as it is; the message names the problem and the fix."""
 
 

@@ -4,23 +4,26 @@ feature-map figure, for ``Net``)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
+from jaxnet import data
+from jaxnet.errors import ConfigError
 from jaxnet.io import save_figure
 from jaxnet.model import Net
+from jaxnet.workdir import load_params
 
-__all__ = ["conv_activations", "plot_features"]
+__all__ = ["conv_activations", "draw_features", "plot_features"]
 
 
 def conv_activations(params: Any, images: Any, num_classes: int | None = None) -> dict[str, Any]:
     """conv1 ``(N, 30, 30, 6)`` and conv2 ``(N, 28, 28, 16)`` activations of NHWC ``images``.
 
-    Taken with Flax's ``capture_intermediates`` (only the two conv modules are captured). The
-    conv modules return pre-activation outputs; ReLU is applied here, so the maps are exactly
-    what the next layer sees.
+    Taken with Flax's ``capture_intermediates`` (only the two conv modules are captured).
+    ``Conv3x3ReLU`` returns its output after the ReLU, so the maps are exactly what the next
+    layer sees.
     """
     if num_classes is None:
         num_classes = int(params["fc3"]["bias"].shape[0])
@@ -31,7 +34,7 @@ def conv_activations(params: Any, images: Any, num_classes: int | None = None) -
         mutable=["intermediates"],
     )
     inter = state["intermediates"]
-    return {name: jax.nn.relu(inter[name]["__call__"][0]) for name in ("conv1", "conv2")}
+    return {name: inter[name]["__call__"][0] for name in ("conv1", "conv2")}
 
 
 def plot_features(
@@ -67,3 +70,26 @@ def plot_features(
     fig.tight_layout()
 
     save_figure(fig, path, dpi=80)
+
+
+def draw_features(
+    workdir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    which: str = "best",
+    split: str = "val",
+    index: int = 0,
+) -> Path:
+    """Draw the activations of example ``index`` of the run's ``split`` (``"val"`` or
+    ``"train"``, the data the run in ``workdir`` was trained on) under its ``which`` params;
+    returns the PNG's path (default ``<workdir>/features.png``)."""
+    params, c, _ = load_params(workdir, which)
+    ds = data.load_data(c.data, c.num_classes, c.label_rule, c.val_fraction, c.split_seed, c.limit)
+    x, y = (ds.x_val, ds.y_val) if split == "val" else (ds.x_train, ds.y_train)
+    if not 0 <= index < len(x):
+        raise ConfigError(f"--index must lie in [0, {len(x)}) for the {split} split.")
+    acts = conv_activations(params, x[index : index + 1])
+    path = Path(out) if out is not None else Path(workdir) / "features.png"
+    title = f"{split} example {index} (class {int(y[index])}): conv + ReLU"
+    plot_features(x[index], {k: v[0] for k, v in acts.items()}, path, title)
+    return path

@@ -24,12 +24,13 @@ def tune_malloc(threshold_bytes: int = DEFAULT_MALLOC_THRESHOLD) -> bool:
     """Make glibc's ``malloc`` keep freed blocks of up to ``threshold_bytes`` for reuse.
 
     Why: XLA:CPU allocates a step's temporary buffers afresh on every call and frees them
-    afterwards (about 47 MB at batch 128, 70 MB at batch 256 for ``Net``'s training step).
-    glibc serves blocks above its mmap threshold (at most 32 MB by default) with a fresh
-    ``mmap`` and unmaps them on ``free``, so the kernel zero-fills every page again on first
-    touch: 12,000-17,500 page faults per step, measured at 20-30 ms of a 50-120 ms step on
-    2 cores. With the mmap and trim thresholds raised to ``threshold_bytes`` such blocks are
-    served from the heap and reused, and the faults disappear (see
+    afterwards (tens of MB per step for ``Net``'s training step at batch 128 and up). glibc
+    serves blocks above its mmap threshold (at most 32 MB by default) with a fresh ``mmap``
+    and unmaps them on ``free``, so the kernel zero-fills every page again on first touch:
+    thousands of page faults per step, a large share of the step's time
+    (``docs/performance.md`` has the figures). With the mmap and trim thresholds raised to
+    ``threshold_bytes`` such blocks are served from the heap and reused, and the faults
+    disappear (see
     ``tests/test_host.py``). The cost: up to ``threshold_bytes`` of freed memory stays mapped
     in the process instead of going back to the OS.
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LOSSES", "check_labels", "cross_entropy", "kl_div", "l1_loss", "mse_loss"]
+__all__ = ["check_labels", "cross_entropy", "kl_div", "l1_loss", "mse_loss"]
 
 Array = jax.Array
 ArrayLike = Any
@@ -142,20 +142,15 @@ def cross_entropy(
             )
         _check_float("cross_entropy", "weight", weight)
         w_bcast = weight.reshape((num_classes,) + (1,) * (input.ndim - class_axis - 1))
+    else:
+        w_bcast = None
     logp = jax.nn.log_softmax(input, axis=class_axis)
 
     target_shape = tuple(jnp.shape(target))
     if target_shape == input.shape and jnp.issubdtype(jnp.result_type(target), jnp.floating):
-        # Probability targets.
-        target = jnp.asarray(target)
-        if label_smoothing > 0:
-            target = target * (1 - label_smoothing) + label_smoothing / num_classes
-        prod = logp * target if weight is None else logp * w_bcast * target
-        per_sample = -jnp.sum(prod, axis=class_axis)
-        if reduction == "mean":
-            return jnp.sum(per_sample) / (input.size / num_classes)
-        return _reduce(per_sample, reduction)
-
+        return _cross_entropy_probabilities(
+            logp, jnp.asarray(target), w_bcast, class_axis, reduction, label_smoothing
+        )
     index_shape = input.shape[:class_axis] + input.shape[class_axis + 1 :]
     if target_shape != index_shape:
         raise ValueError(
@@ -169,7 +164,50 @@ def cross_entropy(
             f"shape {input.shape})."
         )
     check_labels(target, num_classes, ignore_index)
-    target = jnp.asarray(target)
+    return _cross_entropy_indices(
+        logp,
+        jnp.asarray(target),
+        weight,
+        w_bcast,
+        class_axis,
+        ignore_index,
+        reduction,
+        label_smoothing,
+    )
+
+
+def _cross_entropy_probabilities(
+    logp: Array,
+    target: Array,
+    w_bcast: Array | None,
+    class_axis: int,
+    reduction: str,
+    label_smoothing: float,
+) -> Array:
+    """``cross_entropy`` with class-probability targets (``w_bcast``: the class weights
+    broadcast along the class axis, or None)."""
+    num_classes = logp.shape[class_axis]
+    if label_smoothing > 0:
+        target = target * (1 - label_smoothing) + label_smoothing / num_classes
+    prod = logp * target if w_bcast is None else logp * w_bcast * target
+    per_sample = -jnp.sum(prod, axis=class_axis)
+    if reduction == "mean":
+        return jnp.sum(per_sample) / (logp.size / num_classes)
+    return _reduce(per_sample, reduction)
+
+
+def _cross_entropy_indices(
+    logp: Array,
+    target: Array,
+    weight: Array | None,
+    w_bcast: Array | None,
+    class_axis: int,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> Array:
+    """``cross_entropy`` with class-index targets (checked by the caller)."""
+    num_classes = logp.shape[class_axis]
     kept = target != ignore_index
     in_range = (target >= 0) & (target < num_classes)
     safe = jnp.where(kept & in_range, target, 0)
@@ -229,11 +267,3 @@ def kl_div(
     if reduction == "batchmean":
         return jnp.sum(pointwise) / (input.shape[0] if input.ndim else 1)
     return _reduce(pointwise, reduction)
-
-
-LOSSES = {
-    "l1": l1_loss,
-    "mse": mse_loss,
-    "cross_entropy": cross_entropy,
-    "kl_div": kl_div,
-}

@@ -5,8 +5,10 @@ no equivalent, each saying which torch behaviour it reproduces.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -14,16 +16,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxnet import schedules
+from jaxnet.errors import ConfigError
+
 __all__ = [
+    "DEFAULTS",
     "OPTIMIZERS",
+    "OptimizerSpec",
     "ScalarOrSchedule",
     "adam",
     "adamw",
     "build",
+    "resolve",
     "rmsprop",
     "scale_by_torch_adam",
     "sgd",
     "torch_dampened_momentum",
+    "transform",
 ]
 
 ScalarOrSchedule = float | optax.Schedule
@@ -46,7 +55,7 @@ def _with_schedules(
 
 def _check_lr(lr: ScalarOrSchedule) -> None:
     if not callable(lr) and not lr >= 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
+        raise ConfigError(f"Invalid learning rate: {lr}")
 
 
 def _check_range(name: str, value: Any, low: float, high: float | None = None) -> None:
@@ -54,7 +63,7 @@ def _check_range(name: str, value: Any, low: float, high: float | None = None) -
     if callable(value):
         return
     if not low <= value or (high is not None and not value < high):
-        raise ValueError(f"Invalid {name}: {value}")
+        raise ConfigError(f"Invalid {name}: {value}")
 
 
 class DampenedMomentumState(NamedTuple):
@@ -124,7 +133,7 @@ def sgd(
     _check_range("momentum value", momentum, 0.0)
     _check_range("weight_decay value", weight_decay, 0.0)
     if nesterov and ((not callable(momentum) and momentum <= 0) or dampening != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        raise ConfigError("Nesterov momentum requires a momentum and zero dampening")
 
     parts: list[optax.GradientTransformation] = []
     if maximize:
@@ -256,7 +265,7 @@ def adam(
     _check_range("beta parameter at index 1", b2, 0.0, 1.0)
     _check_range("weight_decay value", weight_decay, 0.0)
     if callable(b2):
-        raise ValueError("adam: betas[1] cannot be a schedule (torch's OneCycleLR cycles beta1).")
+        raise ConfigError("adam: betas[1] cannot be a schedule (torch's OneCycleLR cycles beta1).")
 
     parts: list[optax.GradientTransformation] = []
     if maximize:
@@ -352,38 +361,139 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 """jaxnet's optimizers by name; each takes ``torch.optim``'s arguments under the same names."""
 
 
-def build(
+DEFAULTS: Mapping[str, Mapping[str, Any]] = {"sgd": {"momentum": 0.9}}
+"""jaxnet's defaults where they differ from torch's, applied by ``build``/``resolve`` (so by
+``jaxnet train`` and ``jaxnet validate`` alike): SGD with momentum 0.9, the training job's
+optimizer. The constructors above keep torch's own defaults."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """A checked optimizer and schedule: what ``build`` turns into an optax transform and the
+    validator into ``torch.optim`` objects, so both frameworks get the same arguments.
+
+    Attributes:
+      name: a key of ``OPTIMIZERS``.
+      options: the optimizer's arguments, ``DEFAULTS`` filled in (torch's names).
+      schedule: a key of ``jaxnet.schedules.SCHEDULES``, or None.
+      schedule_options: the torch scheduler's arguments (``one_cycle_lr``: ``max_lr`` and
+        ``epochs``/``steps_per_epoch`` filled in).
+      schedule_every: optimizer steps per ``scheduler.step()`` (1: every batch).
+    """
+
+    name: str
+    options: Mapping[str, Any]
+    schedule: str | None = None
+    schedule_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    schedule_every: int = 1
+
+
+def _check_names(kind: str, fn: Callable[..., Any], given: Mapping[str, Any], skip: tuple) -> None:
+    params = {k: p for k, p in inspect.signature(fn).parameters.items() if k not in skip}
+    unknown = sorted(set(given) - set(params))
+    if unknown:
+        raise ConfigError(
+            f"{kind} takes no {', '.join(unknown)}; its arguments are {', '.join(params)}."
+        )
+    missing = [k for k, p in params.items() if p.default is p.empty and k not in given]
+    if missing:
+        raise ConfigError(f"{kind} needs {', '.join(missing)} (e.g. {missing[0]}=...).")
+    for k, value in given.items():
+        want = _expected_kind(params[k])
+        if want is not None and not callable(value) and not _is_kind(value, want):
+            raise ConfigError(f"{kind}: {k} must be {want}, got {value!r}.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _expected_kind(param: inspect.Parameter) -> str | None:
+    """What an argument must be, read off its default (or, without one, its annotation)."""
+    default, annotation = param.default, str(param.annotation)
+    if isinstance(default, bool) or annotation == "bool":
+        return "true or false"
+    if _is_number(default) or annotation in ("int", "float"):
+        return "a number"
+    if isinstance(default, tuple) or annotation.startswith("Sequence"):
+        return "a list of numbers"
+    return None
+
+
+def _is_kind(value: Any, want: str) -> bool:
+    if want == "true or false":
+        return isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
+    if want == "a number":
+        return _is_number(value)
+    return isinstance(value, list | tuple) and all(_is_number(v) or callable(v) for v in value)
+
+
+def _one_cycle_options(
+    options: dict[str, Any], lr: Any, steps_per_epoch: int, epochs: int | None
+) -> dict[str, Any]:
+    """torch's OneCycleLR needs ``max_lr`` and a length: the optimizer's lr, and ``epochs`` x
+    ``steps_per_epoch`` of the run, unless ``total_steps`` or its own are given."""
+    if lr is not None:
+        options.setdefault("max_lr", lr)
+    if "total_steps" not in options and epochs is not None:
+        options.setdefault("epochs", epochs)
+        options.setdefault("steps_per_epoch", steps_per_epoch)
+    return options
+
+
+def resolve(
     name: str,
     options: Mapping[str, Any] | None = None,
     schedule: str | None = None,
     schedule_options: Mapping[str, Any] | None = None,
+    *,
     steps_per_epoch: int = 1,
-) -> optax.GradientTransformation:
-    """``OPTIMIZERS[name](**options)``, its lr driven by a ``jaxnet.schedules`` schedule.
+    epochs: int | None = None,
+    run_steps: int | None = None,
+) -> OptimizerSpec:
+    """Check an optimizer and schedule by name and fill in the defaults (see ``build``).
 
-    ``schedule`` names one of ``jaxnet.schedules.SCHEDULES`` and ``schedule_options`` the torch
-    scheduler's arguments; the base lr is ``options["lr"]`` (or the optimizer's default).
-    ``steps_per_epoch`` n steps the schedule every n optimizer steps, like calling torch's
-    ``scheduler.step()`` once per epoch. ``one_cycle_lr`` replaces the lr and, like torch's
-    ``OneCycleLR(cycle_momentum=True)``, cycles ``betas[0]`` where the optimizer has betas and
-    ``momentum`` otherwise.
+    Raises ``ConfigError`` (a ``ValueError``) for an unknown optimizer, schedule or argument,
+    and for a ``one_cycle_lr`` shorter than ``run_steps`` (torch refuses to step past it).
     """
-    from jaxnet import schedules  # schedules are optional here; keep optim importable alone
-
     if name not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}.")
-    factory = OPTIMIZERS[name]
-    kwargs = dict(options or {})
+        raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+    merged = {**DEFAULTS.get(name, {}), **(options or {})}
+    _check_names(f"optimizer {name!r}", OPTIMIZERS[name], merged, ())
     if schedule is None:
-        return factory(**kwargs)
+        return OptimizerSpec(name, merged)
     if schedule not in schedules.SCHEDULES:
-        raise ValueError(
-            f"Unknown schedule {schedule!r}; choose one of {sorted(schedules.SCHEDULES)}."
+        raise ConfigError(
+            f"unknown schedule {schedule!r}; choose one of {', '.join(schedules.SCHEDULES)}."
         )
-    sched_options = dict(schedule_options or {})
+    sched = dict(schedule_options or {})
+    if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+        raise ConfigError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}.")
+    if schedule != "one_cycle_lr":
+        skip = ("lr", "steps_per_epoch")
+        _check_names(f"schedule {schedule!r}", schedules.SCHEDULES[schedule], sched, skip)
+        return OptimizerSpec(name, merged, schedule, sched, steps_per_epoch)
+    sched = _one_cycle_options(sched, merged.get("lr"), steps_per_epoch, epochs)
+    _check_names("schedule 'one_cycle_lr'", schedules.one_cycle_lr, sched, ())
+    total = sched.get("total_steps")
+    if total is None and "epochs" in sched and "steps_per_epoch" in sched:
+        total = sched["epochs"] * sched["steps_per_epoch"]
+    if run_steps is not None and total is not None and total < run_steps:
+        raise ConfigError(
+            f"one_cycle_lr has total_steps={total} but the run takes {run_steps} steps; torch "
+            "refuses to step past total_steps: raise total_steps or shorten the run."
+        )
+    return OptimizerSpec(name, merged, schedule, sched, 1)
+
+
+def transform(spec: OptimizerSpec) -> optax.GradientTransformation:
+    """The optax transform of a resolved ``spec``: ``OPTIMIZERS[name](**options)``, its lr
+    (and for ``one_cycle_lr`` its momentum or beta1) driven by the schedule."""
+    factory = OPTIMIZERS[spec.name]
+    kwargs = dict(spec.options)
     params = inspect.signature(factory).parameters
-    if schedule == "one_cycle_lr":
-        cycle = schedules.one_cycle_lr(**sched_options)
+    if spec.schedule == "one_cycle_lr":
+        cycle = schedules.one_cycle_lr(**spec.schedule_options)
         kwargs["lr"] = cycle.lr
         if cycle.momentum is not None:
             if "betas" in params:
@@ -391,9 +501,48 @@ def build(
                 kwargs["betas"] = (cycle.momentum, betas[1])
             else:
                 kwargs["momentum"] = cycle.momentum
-        return factory(**kwargs)
-    base_lr = kwargs.get("lr", params["lr"].default)
-    kwargs["lr"] = schedules.SCHEDULES[schedule](
-        base_lr, **sched_options, steps_per_epoch=steps_per_epoch
-    )
+    elif spec.schedule is not None:
+        base_lr = kwargs.get("lr", params["lr"].default)
+        kwargs["lr"] = schedules.SCHEDULES[spec.schedule](
+            base_lr, **spec.schedule_options, steps_per_epoch=spec.schedule_every
+        )
     return factory(**kwargs)
+
+
+def build(
+    name: str,
+    options: Mapping[str, Any] | None = None,
+    schedule: str | None = None,
+    schedule_options: Mapping[str, Any] | None = None,
+    steps_per_epoch: int = 1,
+    *,
+    epochs: int | None = None,
+    run_steps: int | None = None,
+) -> optax.GradientTransformation:
+    """The optimizer ``name`` (``OPTIMIZERS``) with torch's arguments ``options``, its lr driven
+    by the schedule ``schedule`` (``jaxnet.schedules.SCHEDULES``) with the torch scheduler's
+    arguments ``schedule_options``: the one place that turns names into a transform.
+
+    * ``DEFAULTS`` fill what ``options`` does not set (SGD: momentum 0.9).
+    * ``steps_per_epoch`` n steps a schedule every n optimizer steps, like torch's
+      ``scheduler.step()`` once per epoch; the base lr is ``options["lr"]`` (or the
+      optimizer's default).
+    * ``one_cycle_lr`` is stepped every batch, as torch requires; ``max_lr`` defaults to the
+      lr, and its length to ``epochs`` x ``steps_per_epoch`` when ``epochs`` is given. Like
+      torch's ``OneCycleLR(cycle_momentum=True)`` it cycles ``betas[0]`` where the optimizer
+      has betas and ``momentum`` otherwise.
+
+    Raises ``ConfigError`` (a ``ValueError``) for unknown names and arguments, and the
+    optimizers' own torch-like ``ConfigError``s (also ``ValueError``s) for values torch refuses.
+    """
+    return transform(
+        resolve(
+            name,
+            options,
+            schedule,
+            schedule_options,
+            steps_per_epoch=steps_per_epoch,
+            epochs=epochs,
+            run_steps=run_steps,
+        )
+    )

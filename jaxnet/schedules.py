@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxnet.errors import ConfigError
+
 __all__ = [
     "OneCycle",
     "SCHEDULES",
@@ -39,7 +41,7 @@ __all__ = [
 
 def _check_steps_per_epoch(steps_per_epoch: int) -> None:
     if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-        raise ValueError(
+        raise ConfigError(
             f"steps_per_epoch must be a positive int (1 = step the schedule every batch), "
             f"got {steps_per_epoch!r}."
         )
@@ -55,7 +57,7 @@ def step_lr(
     """``StepLR``: ``lr * gamma ** (epoch // step_size)``."""
     _check_steps_per_epoch(steps_per_epoch)
     if not isinstance(step_size, int) or step_size < 1:
-        raise ValueError(f"step_lr: step_size must be a positive int, got {step_size!r}.")
+        raise ConfigError(f"step_lr: step_size must be a positive int, got {step_size!r}.")
 
     def schedule(count: jax.Array) -> jax.Array:
         e = _epoch(count, steps_per_epoch) // step_size
@@ -105,7 +107,7 @@ def cosine_annealing_lr(
     """
     _check_steps_per_epoch(steps_per_epoch)
     if T_max <= 0:
-        raise ValueError(f"cosine_annealing_lr: T_max must be positive, got {T_max!r}.")
+        raise ConfigError(f"cosine_annealing_lr: T_max must be positive, got {T_max!r}.")
 
     def schedule(count: jax.Array) -> jax.Array:
         # Reduce modulo the period in integers first, so the cosine's argument stays small.
@@ -128,11 +130,11 @@ def linear_lr(
     at epoch 0 to ``end_factor`` at ``total_iters``, then constant."""
     _check_steps_per_epoch(steps_per_epoch)
     if start_factor > 1.0 or start_factor <= 0:
-        raise ValueError(
+        raise ConfigError(
             "Starting multiplicative factor expected to be greater than 0 and less or equal to 1."
         )
     if end_factor > 1.0 or end_factor < 0:
-        raise ValueError("Ending multiplicative factor expected to be between 0 and 1.")
+        raise ConfigError("Ending multiplicative factor expected to be between 0 and 1.")
 
     def schedule(count: jax.Array) -> jax.Array:
         e = jnp.minimum(_epoch(count, steps_per_epoch), total_iters).astype(jnp.float32)
@@ -148,6 +150,49 @@ class OneCycle(NamedTuple):
 
     lr: optax.Schedule
     momentum: optax.Schedule | None
+
+
+def _one_cycle_length(
+    total_steps: int | None, epochs: int | None, steps_per_epoch: int | None
+) -> int:
+    """OneCycleLR's ``T``, with torch's argument checks."""
+    if total_steps is not None:
+        if not isinstance(total_steps, int) or total_steps <= 0:
+            raise ConfigError(f"Expected positive integer total_steps, but got {total_steps}")
+        return total_steps
+    if epochs is not None and steps_per_epoch is not None:
+        if not isinstance(epochs, int) or epochs <= 0:
+            raise ConfigError(f"Expected positive integer epochs, but got {epochs}")
+        if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+            raise ConfigError(
+                f"Expected positive integer steps_per_epoch, but got {steps_per_epoch}"
+            )
+        return epochs * steps_per_epoch
+    raise ConfigError("You must define either total_steps OR (epochs AND steps_per_epoch)")
+
+
+def _one_cycle_phases(
+    T: int,
+    pct_start: float,
+    initial_lr: float,
+    max_lr: float,
+    min_lr: float,
+    base_momentum: float,
+    max_momentum: float,
+    three_phase: bool,
+) -> list[tuple[float, float, float, float, float]]:
+    """torch's OneCycleLR phase table: ``(end_step, start_lr, end_lr, start_momentum,
+    end_momentum)`` per phase."""
+    if three_phase:
+        return [
+            (float(pct_start * T) - 1, initial_lr, max_lr, max_momentum, base_momentum),
+            (float(2 * pct_start * T) - 2, max_lr, initial_lr, base_momentum, max_momentum),
+            (T - 1, initial_lr, min_lr, max_momentum, max_momentum),
+        ]
+    return [
+        (float(pct_start * T) - 1, initial_lr, max_lr, max_momentum, base_momentum),
+        (T - 1, max_lr, min_lr, base_momentum, max_momentum),
+    ]
 
 
 def one_cycle_lr(
@@ -175,41 +220,25 @@ def one_cycle_lr(
 
     torch raises when stepped more than ``T`` times; the schedules here return NaN there.
     """
-    if total_steps is not None:
-        if not isinstance(total_steps, int) or total_steps <= 0:
-            raise ValueError(f"Expected positive integer total_steps, but got {total_steps}")
-        T = total_steps
-    elif epochs is not None and steps_per_epoch is not None:
-        if not isinstance(epochs, int) or epochs <= 0:
-            raise ValueError(f"Expected positive integer epochs, but got {epochs}")
-        if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
-            raise ValueError(
-                f"Expected positive integer steps_per_epoch, but got {steps_per_epoch}"
-            )
-        T = epochs * steps_per_epoch
-    else:
-        raise ValueError("You must define either total_steps OR (epochs AND steps_per_epoch)")
+    T = _one_cycle_length(total_steps, epochs, steps_per_epoch)
     if not isinstance(pct_start, float) or not 0 <= pct_start <= 1:
-        raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
+        raise ConfigError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
     if anneal_strategy not in ("cos", "linear"):
-        raise ValueError(
+        raise ConfigError(
             f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}"
         )
-
     initial_lr = max_lr / div_factor
-    min_lr = initial_lr / final_div_factor
     # (end_step, start_lr, end_lr, start_momentum, end_momentum), exactly torch's table.
-    if three_phase:
-        phases = [
-            (float(pct_start * T) - 1, initial_lr, max_lr, max_momentum, base_momentum),
-            (float(2 * pct_start * T) - 2, max_lr, initial_lr, base_momentum, max_momentum),
-            (T - 1, initial_lr, min_lr, max_momentum, max_momentum),
-        ]
-    else:
-        phases = [
-            (float(pct_start * T) - 1, initial_lr, max_lr, max_momentum, base_momentum),
-            (T - 1, max_lr, min_lr, base_momentum, max_momentum),
-        ]
+    phases = _one_cycle_phases(
+        T,
+        pct_start,
+        initial_lr,
+        max_lr,
+        initial_lr / final_div_factor,
+        base_momentum,
+        max_momentum,
+        three_phase,
+    )
 
     def anneal(start: float, end: float, pct: jax.Array) -> jax.Array:
         if anneal_strategy == "cos":

@@ -8,7 +8,7 @@ import jax
 
 from jaxnet import losses, optim
 from jaxnet.model import Net
-from jaxnet.train import create_train_state, train_step
+from jaxnet.step import create_train_state, train_step
 
 
 def run_tutorial(seed: int = 0, lr: float = 0.01) -> dict[str, Any]:

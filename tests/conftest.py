@@ -1,55 +1,53 @@
-"""Shared fixtures: the PyTorch reference and identical jaxnet copies of it; one small
-reference training run, reused by several test modules."""
+"""Shared fixtures: the PyTorch reference and identical jaxnet copies of it, the criteria
+registry's names, and one small reference training run reused by several test modules.
+
+Objects that are static arguments of the jitted steps (the ``Net`` whose ``apply`` a state
+holds, its optimizer) are shared through this module, so that tests in different files reuse
+one compilation instead of each compiling the same step again.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import jaxnet
-from jaxnet.torch_reference import make_torch_net
+from jaxnet.criteria import CRITERIA as _REGISTRY
+from jaxnet.model import init_params
 from jaxnet.train import TrainConfig, train_and_evaluate
 
 BATCH = 16
 
+CRITERIA = sorted(_REGISTRY)
+"""Every named criterion of ``jaxnet.criteria.CRITERIA``: tests parametrize over these, with
+``criterion(name)`` on the JAX side and ``criterion(name).torch`` on the torch side."""
 
-def torch_criteria():
-    """The four losses of the tutorial, as ``criterion(logits, target)`` in torch."""
-    return {
-        "l1": F.l1_loss,
-        "mse": F.mse_loss,
-        "cross_entropy": F.cross_entropy,
-        "kl_div": lambda o, t: F.kl_div(F.log_softmax(o, -1), t, reduction="batchmean"),
-    }
+NET = jaxnet.Net()
+"""The one ``Net`` of the tests: a state's ``apply_fn`` (``NET.apply``) is a static argument of
+the jitted steps, and bound methods of two equal ``Net`` instances are not equal."""
 
 
-def _kl_on_logits(logits, target):
-    return jaxnet.losses.kl_div(jax.nn.log_softmax(logits, -1), target, reduction="batchmean")
+SGD = jaxnet.optim.sgd(0.01, momentum=0.9)
+"""The training job's optimizer, shared: a state's ``tx`` is a static argument too."""
 
 
-JAX_CRITERIA = {
-    "l1": jaxnet.losses.l1_loss,
-    "mse": jaxnet.losses.mse_loss,
-    "cross_entropy": jaxnet.losses.cross_entropy,
-    "kl_div": _kl_on_logits,
-}
-
-
-def make_targets(kind: str, n: int, seed: int = 2, num_classes: int = 2) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if kind in ("l1", "mse"):
-        return torch.randn(n, num_classes, generator=g)
-    if kind == "cross_entropy":
-        return torch.randint(0, num_classes, (n,), generator=g)
-    return torch.softmax(torch.randn(n, num_classes, generator=g), -1)
+def labels(n: int, seed: int = 2, num_classes: int = 2) -> torch.Tensor:
+    """Integer class labels ``(n,)``: what every criterion takes."""
+    return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 def to_jax_batch(x: torch.Tensor, t: torch.Tensor):
@@ -70,11 +68,19 @@ def images() -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def net() -> jaxnet.Net:
-    return jaxnet.Net()
+    return NET
+
+
+@pytest.fixture(scope="session")
+def params0():
+    """``NET``'s params from ``jax.random.key(0)`` (read-only: jax arrays are immutable)."""
+    return init_params(NET, jax.random.key(0))
 
 
 @pytest.fixture
 def torch_net():
+    from jaxnet.torch_reference import make_torch_net
+
     return make_torch_net(0)
 
 
@@ -101,3 +107,73 @@ def copy_of_reference(reference_run, tmp_path: Path) -> Path:
 
 def small(**changes) -> TrainConfig:
     return dataclasses.replace(SMALL, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocess checks started in the background when the session starts
+# ---------------------------------------------------------------------------------------------
+
+BACKGROUND: dict[str, Callable[[Path], Any]] = {}
+"""Session fixtures computed by a subprocess (``name -> run(directory) -> result``), registered
+with ``in_background``."""
+
+LIVE: set[subprocess.Popen] = set()
+"""Subprocesses running now (``start_new_session=True``): killed, whole process group, when the
+session ends; whoever starts one adds it here and removes it once it has been waited for."""
+
+STOPPING = threading.Event()
+"""Set when the session ends: a background job must not start another subprocess then."""
+
+_FUTURES = pytest.StashKey[dict[str, Future]]()
+
+
+def in_background(name: str) -> Callable[[Callable[[Path], Any]], Callable[[Path], Any]]:
+    """Register ``run(directory)`` as the work behind the session fixture ``name``.
+
+    When the session starts, every registered job that a selected test needs (``name`` in its
+    fixture closure) is started in one background thread, one job at a time, so it runs while
+    the in-process tests do (they leave a core idle while XLA compiles); the tests that need
+    one run last, and the fixture waits for its result with ``background_result``.
+    """
+
+    def register(run: Callable[[Path], Any]) -> Callable[[Path], Any]:
+        BACKGROUND[name] = run
+        return run
+
+    return register
+
+
+def background_result(request: pytest.FixtureRequest, name: str) -> Any:
+    """The result of the background job ``name`` (waiting for it), or of running it now."""
+    futures = request.config.stash.get(_FUTURES, {})
+    if name in futures:
+        return futures[name].result()
+    return BACKGROUND[name](request.getfixturevalue("tmp_path_factory").mktemp(name))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that wait for a background job run last (in their order), so that the jobs have the
+    rest of the session to finish."""
+    items.sort(key=lambda item: any(name in item.fixturenames for name in BACKGROUND))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background_jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    items = request.session.items
+    names = [n for n in BACKGROUND if any(n in item.fixturenames for item in items)]
+    if not names:
+        yield
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-job")
+    futures = {n: pool.submit(BACKGROUND[n], tmp_path_factory.mktemp(n)) for n in names}
+    request.config.stash[_FUTURES] = futures
+    try:
+        yield
+    finally:
+        STOPPING.set()
+        for future in futures.values():
+            future.cancel()
+        for proc in list(LIVE):  # a job still running when the session ends
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        pool.shutdown(wait=True)

@@ -13,6 +13,7 @@ import torch
 
 import jaxnet
 from jaxnet.convert import WeightFileError, torch_state_dict_shapes
+from jaxnet.model import init_params
 from jaxnet.torch_reference import TorchNet, make_torch_net
 
 
@@ -20,7 +21,7 @@ def test_outputs_match_torch(net, torch_net, images, record_property):
     params = jaxnet.params_from_torch(torch_net.state_dict())
     with torch.no_grad():
         expected = torch_net(images).numpy()
-    got = np.asarray(net.apply({"params": params}, jaxnet.nchw_to_nhwc(images.numpy())))
+    got = np.asarray(jax.jit(net.apply)({"params": params}, jaxnet.nchw_to_nhwc(images.numpy())))
     diff = float(np.abs(got - expected).max())
     record_property("max_abs_output_diff", diff)
     print(f"outputs: max |jaxnet - torch| = {diff:.3g} (float32, CPU)")
@@ -44,19 +45,19 @@ def test_round_trips_are_bitwise_exact(net, torch_net):
     assert list(back) == list(sd)
     for k in sd:
         assert back[k].dtype == sd[k].dtype and torch.equal(back[k], sd[k]), k
-    params = net.init(jax.random.key(1), jnp.zeros((1, 32, 32, 1)))["params"]
+    params = init_params(net, jax.random.key(1))
     again = jaxnet.params_from_torch(jaxnet.params_to_torch(params))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b)
 
 
 def test_torch_loads_converted_params(net, images):
-    params = net.init(jax.random.key(2), jnp.zeros((1, 32, 32, 1)))["params"]
+    params = init_params(net, jax.random.key(2))
     torch_net = TorchNet()
     torch_net.load_state_dict(jaxnet.params_to_torch(params), strict=True)
     with torch.no_grad():
         expected = torch_net(images).numpy()
-    got = net.apply({"params": params}, jaxnet.nchw_to_nhwc(images.numpy()))
+    got = jax.jit(net.apply)({"params": params}, jaxnet.nchw_to_nhwc(images.numpy()))
     assert np.abs(np.asarray(got) - expected).max() <= 1e-5
     # A {"params": ...} dict is accepted too.
     torch_net.load_state_dict(jaxnet.params_to_torch({"params": params}), strict=True)
@@ -103,6 +104,7 @@ class _Payload:
         return (os.system, ("echo pwned > /dev/null",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch, as expected
 def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
@@ -183,8 +185,8 @@ def test_bad_values_and_dtypes(torch_net):
         jaxnet.params_from_torch(sd)
 
 
-def test_params_to_torch_is_strict(net):
-    params = dict(net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"])
+def test_params_to_torch_is_strict(params0):
+    params = dict(params0)
     params.pop("fc2")
     params["conv1"] = {"kernel": jnp.zeros((3, 3, 1, 7)), "bias": jnp.zeros(6)}
     with pytest.raises(WeightFileError) as info:

@@ -21,6 +21,13 @@ shapes = st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple)
 reductions = st.sampled_from(["none", "mean", "sum"])
 
 
+def _jitted(loss, **options):
+    """``loss`` with its options fixed, jitted: one compilation per example instead of one per
+    operation and shape (eagerly, every new shape compiles each operation on its own). The
+    eager path and its concrete-label checks are tested below."""
+    return jax.jit(lambda *arrays: loss(*arrays, **options))
+
+
 def _close(ours, theirs):
     theirs = theirs.detach().numpy()
     ours = np.asarray(ours)
@@ -82,7 +89,7 @@ def test_cross_entropy(case):
         flat[: case["n_ignored"]] = case["ignore_index"]
         target = flat.reshape(index_shape)
         kwargs["ignore_index"] = case["ignore_index"]
-    ours = losses.cross_entropy(logits, target, weight=weight, **kwargs)
+    ours = _jitted(losses.cross_entropy, **kwargs)(logits, target, weight)
     theirs = F.cross_entropy(
         torch.from_numpy(logits),
         torch.from_numpy(np.asarray(target)),
@@ -108,7 +115,7 @@ def test_kl_div(shape, reduction, log_target, with_zeros, seed):
         target.reshape(-1)[::2] = 0.0  # torch: a zero target contributes exactly 0
     if log_target:
         target = np.log(target)
-    ours = losses.kl_div(inp, target, reduction=reduction, log_target=log_target)
+    ours = _jitted(losses.kl_div, reduction=reduction, log_target=log_target)(inp, target)
     with pytest.warns(UserWarning) if reduction == "mean" else _nothing():
         theirs = F.kl_div(
             torch.from_numpy(inp),

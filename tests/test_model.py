@@ -1,4 +1,5 @@
-"""The Flax Net: structure, parameter count, PyTorch-like initialisation, input checks."""
+"""jaxnet.model: the Flax Net's structure, parameter count, PyTorch-like initialisation,
+``init_params``/``abstract_params``, ``summary``, and that it checks its input."""
 
 from __future__ import annotations
 
@@ -10,45 +11,64 @@ import numpy as np
 import pytest
 
 import jaxnet
+from jaxnet.model import abstract_params, init_params
 from jaxnet.torch_reference import TorchNet
 
+SHAPES = {
+    "conv1": {"kernel": (3, 3, 1, 6), "bias": (6,)},
+    "conv2": {"kernel": (3, 3, 6, 16), "bias": (16,)},
+    "fc1": {"kernel": (12544, 512), "bias": (512,)},
+    "fc2": {"kernel": (512, 64), "bias": (64,)},
+    "fc3": {"kernel": (64, 2), "bias": (2,)},
+}
 
-def test_shapes_and_parameter_count(net):
-    variables = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
-    params = variables["params"]
-    assert sorted(params) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
-    assert sum(p.size for p in jax.tree.leaves(params)) == 6_456_942
-    assert params["conv1"]["kernel"].shape == (3, 3, 1, 6)
-    assert params["conv2"]["kernel"].shape == (3, 3, 6, 16)
-    assert params["fc1"]["kernel"].shape == (12544, 512)
-    assert params["fc3"]["kernel"].shape == (64, 2)
+
+def test_shapes_and_parameter_count(net, params0):
+    assert jax.tree.map(jnp.shape, params0) == SHAPES
+    assert sum(p.size for p in jax.tree.leaves(params0)) == 6_456_942
+    apply = jax.jit(net.apply)
     for n in (1, 5):
-        out = net.apply(variables, jnp.ones((n, 32, 32, 1)))
+        out = apply({"params": params0}, jnp.ones((n, 32, 32, 1)))
         assert out.shape == (n, 2) and out.dtype == jnp.float32
     assert sum(p.numel() for p in TorchNet().parameters()) == 6_456_942
 
 
-def test_num_classes(net):
+def test_abstract_params_computes_nothing_and_matches(net, params0):
+    abstract = abstract_params(net)
+    assert all(isinstance(s, jax.ShapeDtypeStruct) for s in jax.tree.leaves(abstract))
+    assert jax.tree.map(lambda s: s.shape, abstract) == SHAPES
+    assert jax.tree.map(lambda s: s.dtype, abstract) == jax.tree.map(lambda p: p.dtype, params0)
+    ten = abstract_params(jaxnet.Net(num_classes=10))
+    assert ten["fc3"]["kernel"].shape == (64, 10) and ten["fc3"]["bias"].shape == (10,)
+    with pytest.raises(ValueError, match="NCHW"):  # init checks its input too (traced only)
+        jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 1, 32, 32)))
+
+
+def test_num_classes():
     ten = jaxnet.Net(num_classes=10)
-    variables = ten.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
-    assert ten.apply(variables, jnp.zeros((3, 32, 32, 1))).shape == (3, 10)
+    # The init traced, not run (a second Net's init costs seconds to compile); the values are
+    # checked for 2 classes above and the 10-class forward pass against torch in test_convert.
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_params(ten))
+    assert ten.apply({"params": params}, jnp.zeros((3, 32, 32, 1))).shape == (3, 10)
 
 
-def test_same_seed_same_bits(net):
-    a = net.init(jax.random.key(7), jnp.zeros((1, 32, 32, 1)))
-    b = net.init(jax.random.key(7), jnp.zeros((1, 32, 32, 1)))
-    c = net.init(jax.random.key(8), jnp.zeros((1, 32, 32, 1)))
+def test_init_params_same_seed_same_bits(net):
+    a = init_params(net, jax.random.key(7))
+    compiled = init_params._cache_size()
+    b = init_params(jaxnet.Net(), jax.random.key(7))  # an equal Net: the same compiled init
+    c = init_params(net, jax.random.key(8))
+    assert init_params._cache_size() == compiled
     pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     assert all(np.array_equal(x, y) for x, y in pairs)
-    assert not np.array_equal(a["params"]["fc1"]["kernel"], c["params"]["fc1"]["kernel"])
+    assert not np.array_equal(a["fc1"]["kernel"], c["fc1"]["kernel"])
 
 
 FAN_IN = {"conv1": 9, "conv2": 54, "fc1": 12544, "fc2": 512, "fc3": 64}
 
 
-def test_torch_style_init_matches_torch_distribution(net):
+def test_torch_style_init_matches_torch_distribution(params0):
     """Every kernel and bias ~ U(+-1/sqrt(fan_in)), like a fresh torch Net drawn in this test."""
-    params = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
+    params = params0
     torch_params = jaxnet.params_from_torch(TorchNet().state_dict())
     for layer, fan_in in FAN_IN.items():
         bound = 1 / math.sqrt(fan_in)
@@ -65,13 +85,13 @@ def test_torch_style_init_matches_torch_distribution(net):
 
 
 def test_flax_init_option():
-    net = jaxnet.Net(weight_init="flax")
-    params = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
+    # An "rbg" key compiles faster than the default threefry; the initialisers are the same.
+    params = init_params(jaxnet.Net(weight_init="flax"), jax.random.key(0, impl="rbg"))
     assert all(not np.any(params[layer]["bias"]) for layer in FAN_IN)  # Flax: zero biases
     # lecun_normal: std 1/sqrt(fan_in), unbounded by the torch uniform limit
     assert np.asarray(params["fc1"]["kernel"]).std() == pytest.approx(1 / math.sqrt(12544), 0.05)
     with pytest.raises(ValueError, match="weight_init"):
-        jaxnet.Net(weight_init="kaiming").init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+        init_params(jaxnet.Net(weight_init="kaiming"), jax.random.key(0))
 
 
 def test_summary_lists_layers_and_count():
@@ -94,8 +114,8 @@ def test_summary_lists_layers_and_count():
         (np.zeros((2, 32, 32, 1), bool), TypeError, "floating"),
     ],
 )
-def test_bad_images_are_rejected_with_the_fix(net, x, error, hint):
-    params = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+def test_net_rejects_bad_images_with_the_fix(net, params0, x, error, hint):
+    params = {"params": params0}
     with pytest.raises(error, match=hint):
         net.apply(params, x)
     with pytest.raises(error, match=hint):  # static checks also hold under jit

@@ -193,3 +193,147 @@ def test_lr_schedule_plugs_into_adamw() -> None:
 def test_bad_arguments_raise_like_torch(call) -> None:
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"lr": -1.0},
+        {"momentum": -0.1},
+        {"weight_decay": -1.0},
+        {"nesterov": True},
+        {"momentum": 0.9, "dampening": 0.1, "nesterov": True},
+    ],
+)
+def test_sgd_rejects_what_torch_rejects(bad) -> None:
+    kwargs = {"lr": 0.1, **bad}
+    with pytest.raises(ValueError):
+        optim.sgd(**kwargs)
+    with pytest.raises(ValueError):
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# build / resolve: names to a transform, the one place for defaults and checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _updates(tx: optax.GradientTransformation, steps: int, grad: float = 1.0) -> list[float]:
+    """The update of a single weight at each of ``steps`` steps of a constant gradient."""
+    params = {"w": np.zeros(1, np.float32)}
+    state, out = tx.init(params), []
+    for _ in range(steps):
+        updates, state = tx.update({"w": np.full(1, grad, np.float32)}, state, params)
+        params = optax.apply_updates(params, updates)
+        out.append(float(updates["w"][0]))
+    return out
+
+
+def test_registry_and_defaults() -> None:
+    assert set(optim.OPTIMIZERS) == {"sgd", "adam", "adamw", "rmsprop"}
+    assert optim.DEFAULTS == {"sgd": {"momentum": 0.9}}
+    spec = optim.resolve("sgd", {"lr": 0.1})
+    assert spec == optim.OptimizerSpec("sgd", {"momentum": 0.9, "lr": 0.1})
+    assert spec.schedule is None and spec.schedule_every == 1
+    assert optim.resolve("adam", {"lr": 0.1}).options == {"lr": 0.1}  # torch's own defaults
+    # Given hyperparameters override sgd's default momentum 0.9 one by one, not all at once.
+    dampened = optim.build("sgd", {"lr": 1.0, "dampening": 0.5})
+    assert _updates(dampened, 2)[1] == pytest.approx(-(0.9 * 1 + 0.5 * 1))  # torch's buf
+    # And momentum=0 turns it off: plain SGD.
+    assert _updates(optim.build("sgd", {"lr": 1.0, "momentum": 0.0}), 2) == [-1.0, -1.0]
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        (("nope", {}), {}, r"unknown optimizer 'nope'; choose one of sgd, adam, adamw, rmsprop"),
+        (
+            ("sgd", {"betas": (0.9, 0.99)}),
+            {},
+            r"optimizer 'sgd' takes no betas; its arguments are lr, momentum",
+        ),
+        (("sgd", {}, "cosine"), {}, r"unknown schedule 'cosine'; choose one of step_lr"),
+        (("sgd", {}, "step_lr", {"step_size": 1, "gama": 0.5}), {}, "takes no gama"),
+        (("sgd", {}, "step_lr", {}), {}, r"schedule 'step_lr' needs step_size \(e.g. step_size="),
+        (("sgd", {}, "step_lr", {"step_size": 1}), {"steps_per_epoch": 0}, "positive int"),
+        (
+            ("sgd", {"lr": 0.1}, "one_cycle_lr", {"total_steps": 10}),
+            {"run_steps": 11},
+            r"total_steps=10 but the run takes 11 steps",
+        ),
+        (
+            ("sgd", {"lr": 0.1}, "one_cycle_lr"),
+            {"steps_per_epoch": 4, "epochs": 2, "run_steps": 9},
+            r"total_steps=8 but the run takes 9 steps",
+        ),
+    ],
+)
+def test_unknown_names_and_arguments_are_config_errors(args, kwargs, message) -> None:
+    from jaxnet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        optim.resolve(*args, **kwargs)
+    with pytest.raises(ValueError, match=message):  # build too; ConfigError is a ValueError
+        optim.build(*args, **kwargs)
+
+
+def test_one_cycle_without_a_length_is_refused() -> None:
+    # Neither total_steps nor epochs: torch's OneCycleLR refuses it, and so does build.
+    with pytest.raises(ValueError, match="total_steps"):
+        optim.build("sgd", {"lr": 0.1}, "one_cycle_lr")
+
+
+def test_one_cycle_rule_fills_max_lr_and_length() -> None:
+    spec = optim.resolve(
+        "sgd", {"lr": 0.1}, "one_cycle_lr", {}, steps_per_epoch=4, epochs=3, run_steps=12
+    )
+    assert spec.schedule_options == {"max_lr": 0.1, "epochs": 3, "steps_per_epoch": 4}
+    assert spec.schedule_every == 1  # stepped every batch, as torch requires
+    # What is given wins: total_steps instead of epochs x steps_per_epoch, its own max_lr.
+    given = optim.resolve(
+        "sgd", {"lr": 0.1}, "one_cycle_lr", {"max_lr": 0.5, "total_steps": 20}, epochs=3
+    )
+    assert given.schedule_options == {"max_lr": 0.5, "total_steps": 20}
+    # A per-epoch schedule is stepped every steps_per_epoch optimizer steps.
+    per_epoch = optim.resolve("adam", {}, "step_lr", {"step_size": 1}, steps_per_epoch=4)
+    assert per_epoch.schedule_every == 4 and per_epoch.schedule_options == {"step_size": 1}
+
+
+@pytest.mark.parametrize(
+    ("schedule", "sched_kwargs", "torch_name"),
+    [
+        ("step_lr", {"step_size": 1, "gamma": 0.5}, "StepLR"),
+        ("cosine_annealing_lr", {"T_max": 2}, "CosineAnnealingLR"),
+        ("one_cycle_lr", {"cycle_momentum": False}, "OneCycleLR"),
+    ],
+)
+def test_built_schedule_steps_like_torch(schedule, sched_kwargs, torch_name) -> None:
+    """build's schedules: per epoch (torch's scheduler.step() after each epoch), and
+    one_cycle_lr per batch with max_lr/epochs/steps_per_epoch taken from the run."""
+    lr, epochs, per_epoch = 0.1, 3, 4
+    tx = optim.build(
+        "sgd",
+        {"lr": lr, "momentum": 0.0},
+        schedule,
+        sched_kwargs,
+        steps_per_epoch=per_epoch,
+        epochs=epochs,
+    )
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=lr, momentum=0.0)
+    if schedule == "one_cycle_lr":
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=lr, epochs=epochs, steps_per_epoch=per_epoch, cycle_momentum=False
+        )
+    else:
+        sched = getattr(torch.optim.lr_scheduler, torch_name)(opt, **sched_kwargs)
+    ours = iter(_updates(tx, epochs * per_epoch))
+    for epoch in range(epochs):
+        for _ in range(per_epoch):
+            expected = opt.param_groups[0]["lr"]
+            assert -next(ours) == pytest.approx(expected, rel=1e-6), (epoch, expected)
+            opt.step()
+            if schedule == "one_cycle_lr":
+                sched.step()
+        if schedule != "one_cycle_lr":
+            sched.step()

@@ -1,11 +1,16 @@
-"""Data parallelism (jaxnet.parallel): sharded == single-device within float32 round-off, on 8
-host devices and across 2 real processes.
+"""Data parallelism: sharded == single-device within float32 round-off, on 8 host devices and
+across 2 real processes, for the library (``jaxnet.parallel``), its example driver
+(``jaxnet.examples.data_parallel``) and the training job (``train_and_evaluate``).
 
-Host devices must be requested before jax is imported, so those runs are subprocesses
-(tests/parallel_worker.py, and ``python -m jaxnet.parallel`` for the 2-process run). Each run has
-a deadline, and every process is killed (its whole process group) when a test ends. The bound
-for "float32 round-off" is measured in the same run: the difference between the single-device
-float32 result and the same computation in float64.
+Host devices must be requested before jax is imported, so those runs are subprocesses: one
+launch of tests/workers/parallel_worker.py (which also runs train_parallel_worker.py in the same
+process) for all the 8-device checks, ``python -m jaxnet.examples.data_parallel`` and
+``python -m jaxnet train`` for the 2-process runs. They start in the background when the session
+starts (conftest's ``in_background``, one at a time) and the tests check their results. Each run
+has a deadline, and every process still running when the session ends is killed (its whole
+process group). The bound for "float32 round-off" is
+measured in the same run: the difference between the single-device float32 result and the same
+computation in float64.
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import LIVE, SMALL, STOPPING, background_result, in_background
 
-from jaxnet import Net
 from jaxnet import parallel as par
+from jaxnet.config import config_to_json
 
 REPO = Path(__file__).resolve().parents[1]
-DEADLINE_S = 240  # per group of subprocesses; a normal run takes a fraction of this
-STEPS = 10  # as in parallel_worker.py
+WORKERS = REPO / "tests" / "workers"
+DEADLINE_S = 300  # per group of subprocesses; a normal run takes a fraction of this
+STEPS = 10  # as in workers/parallel_worker.py
 BATCH = 32
 
 
@@ -49,6 +56,8 @@ def _run_all(
     """Run ``cmds`` concurrently; their stdout, or a failure with their logs' tails unless they
     exit with ``codes`` (default all 0). Kills every process group on the way out, whatever
     happens."""
+    if STOPPING.is_set():
+        pytest.fail("the session ended before this background run started")
     procs, outs = [], []
     try:
         for i, cmd in enumerate(cmds):
@@ -64,6 +73,7 @@ def _run_all(
                     start_new_session=True,
                 )
             )
+            LIVE.add(procs[-1])
         deadline = time.monotonic() + DEADLINE_S
         for p in procs:
             p.wait(timeout=max(deadline - time.monotonic(), 1))
@@ -74,6 +84,7 @@ def _run_all(
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+            LIVE.discard(p)
         texts = []
         for out in outs:
             out.seek(0)
@@ -90,11 +101,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@in_background("eight_devices")
+def _eight_devices(out: Path) -> Path:
+    """The one 8-host-device process of this module: the library and driver checks
+    (``result.json``), then the training job on 8 and 4 devices (``job/``). Started when the
+    session starts (conftest's ``in_background``), so it runs while other tests do."""
+    worker = [sys.executable, str(WORKERS / "parallel_worker.py"), str(out)]
+    _run_all([[*worker, json.dumps(config_to_json(SMALL))]], _env(8), out)
+    _EIGHT["out"] = out
+    return out
+
+
+_EIGHT: dict[str, Path] = {}  # the 8-device worker's folder, once it has finished
+
+
 @pytest.fixture(scope="module")
-def eight(tmp_path_factory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("eight_devices")
-    _run_all([[sys.executable, str(REPO / "tests" / "parallel_worker.py"), str(out)]], _env(8), out)
-    return json.loads((out / "result.json").read_text()), out
+def eight_devices(request) -> Path:
+    return background_result(request, "eight_devices")
+
+
+@pytest.fixture(scope="module")
+def eight(eight_devices) -> tuple[dict, Path]:
+    return json.loads((eight_devices / "result.json").read_text()), eight_devices
 
 
 def _assert_within_round_off(r: dict, key: str) -> None:
@@ -143,14 +171,18 @@ def test_uneven_global_batch_is_a_clear_error(eight):
     assert "same leading (batch) dimension" in errors["mismatched"]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process_with_four_devices(eight, tmp_path):
-    r, ref = eight
+@in_background("two_process_driver")
+def _two_process_driver(out: Path) -> tuple[list[str], Path]:
+    """``python -m jaxnet.examples.data_parallel`` as 2 processes x 2 host devices, starting
+    from the 8-device worker's initial params (so it runs after the worker)."""
+    if "out" not in _EIGHT:
+        raise RuntimeError("the 8-device worker did not finish: see the tests that use it")
+    ref = _EIGHT["out"]
     port = _free_port()
     cmd = [
         sys.executable,
         "-m",
-        "jaxnet.parallel",
+        "jaxnet.examples.data_parallel",
         "--steps",
         str(STEPS),
         "--global-batch-size",
@@ -162,26 +194,38 @@ def test_two_processes_match_one_process_with_four_devices(eight, tmp_path):
         "--num-processes",
         "2",
         "--checkpoint-dir",
-        str(tmp_path / "ckpt"),
+        str(out / "ckpt"),
     ]
     texts = _run_all(
         [
-            [*cmd, "--process-id", "0", "--save-params", str(tmp_path / "p2.npz")],
+            [*cmd, "--process-id", "0", "--save-params", str(out / "p2.npz")],
             [*cmd, "--process-id", "1"],
         ],
         _env(2),
-        tmp_path,
+        out,
     )
+    return texts, out
+
+
+@pytest.fixture(scope="module")
+def two_process_driver(request, eight) -> tuple[list[str], Path]:
+    return background_result(request, "two_process_driver")
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_four_devices(eight, two_process_driver):
+    r, ref = eight
+    texts, out = two_process_driver
     lines = [ln for ln in texts[0].splitlines() if ln.startswith("{")]
     run = json.loads(lines[-1])
     assert run["mesh"] == "4 devices, 2 processes" and run["processes"] == 2
     assert not any(ln.startswith("{") for ln in texts[1].splitlines()), "only process 0 reports"
     # orbax: both processes saved together and each restored the state, replicated, bit-equal.
     assert run["checkpoint_restored_equal"] is True
-    assert (tmp_path / "ckpt" / str(STEPS)).is_dir()
+    assert (out / "ckpt" / str(STEPS)).is_dir()
     # Each process fed only its half of every global batch; gloo all-reduced the gradients.
     np.testing.assert_allclose(run["losses"], r["steps_10"]["losses"]["f32_4"], rtol=0, atol=1e-6)
-    with np.load(tmp_path / "p2.npz") as a, np.load(ref / "mesh4.npz") as b:
+    with np.load(out / "p2.npz") as a, np.load(ref / "mesh4.npz") as b:
         assert sorted(a) == sorted(b)
         diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
     floor = r["steps_10"]["single_vs_f64"]
@@ -225,21 +269,6 @@ def test_initialize_distributed_reads_the_environment(monkeypatch):
         par.initialize_distributed("10.0.0.1", process_id=0)  # arguments override the env
 
 
-def test_params_npz_roundtrip_and_mismatch(tmp_path):
-    net = Net()
-    like = jax.eval_shape(par.init_params, net, jax.random.key(0))
-    params = jax.tree.map(
-        lambda s: np.arange(np.prod(s.shape), dtype=s.dtype).reshape(s.shape), like
-    )
-    path = tmp_path / "p.npz"
-    par.write_params_npz(path, params)
-    back = par.read_params_npz(path, net)
-    jax.tree.map(np.testing.assert_array_equal, back, params)
-    assert not list(tmp_path.glob("*.tmp.npz"))
-    with pytest.raises(ValueError, match=r"no array \['fc3'\]\['bias'\] of shape \(3,\)"):
-        par.read_params_npz(path, Net(num_classes=3))
-
-
 # The training job (train_and_evaluate / `jaxnet train`), data-parallel. Its 1-device reference is
 # conftest's reference_run: the unsharded path, in this process.
 
@@ -275,19 +304,13 @@ def _assert_same_history(got: list[dict], want: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def job8(tmp_path_factory, reference_run) -> tuple[dict, Path, float]:
+def job8(eight_devices, reference_run) -> tuple[dict, Path, float]:
     """The SMALL job on 8 and on 4 host devices (one process), and the float32 noise floor:
     the largest distance of the 1-device and the 8-device job's final params from the same
     steps in float64. (Both, because which float32 summation XLA:CPU picks depends on the
     per-device shapes: with one model version the 1-device run was 5e-8 from float64 and the
     8-device one 3e-6, with another both were 3e-6; either is float32 round-off.)"""
-    from conftest import SMALL
-
-    from jaxnet.train import config_to_json
-
-    out = tmp_path_factory.mktemp("job_eight_devices")
-    worker = [sys.executable, str(REPO / "tests" / "train_parallel_worker.py"), str(out)]
-    _run_all([[*worker, json.dumps(config_to_json(SMALL))]], _env(8), out)
+    out = eight_devices / "job"
     f64 = _flat_npz(out / "loop64.npz")
     floor = max(
         _max_diff(_flat(reference_run[1].state.params), f64),
@@ -301,13 +324,14 @@ def test_training_job_on_8_devices_matches_1_device(job8, reference_run):
     r, out, floor = job8
     ref = reference_run[1]
     scale = max(float(np.max(np.abs(v))) for v in _flat(ref.state.params).values())
-    # float32 round-off excluded: the same steps in float64, 8 devices vs 1 (measured 2.8e-17;
-    # a sharding bug, e.g. a gradient summed instead of averaged, would show at full size).
-    f64_diff = _max_diff(_flat_npz(out / "loop64_8.npz"), _flat_npz(out / "loop64.npz"))
+    # float32 round-off excluded: the job's first 4 steps in float64, 8 devices vs 1 (measured
+    # 2.8e-17 over all 16 steps; a sharding bug, e.g. a gradient summed instead of averaged,
+    # would show at full size from the first step on).
+    f64_diff = _max_diff(_flat_npz(out / "loop64_8_4.npz"), _flat_npz(out / "loop64_4.npz"))
     assert f64_diff < 1e-12 * scale, f64_diff
-    # float32 (16 steps), measured in one run: noise floor 3.1e-6; 8 devices vs 1: 3.1e-6;
-    # 4 devices vs 1: 1.5e-8. XLA:CPU sums in another order with 2 samples per device than with
-    # 4 or 16; the float64 check above shows the semantics are the same.
+    # float32 (16 steps), measured: noise floor 3.1e-6; 8 devices vs 1: 3.1e-6; 4 devices vs 1:
+    # 1.5e-8 or 3.1e-6 depending on the run. XLA:CPU sums in another order with 2 samples per
+    # device than with 4 or 16; the float64 check above shows the semantics are the same.
     assert 0 < floor < 1e-4 * scale, (floor, scale)
     print(f"job, float64 8 devices vs 1: {f64_diff:.2g}; float32 noise floor {floor:.2g}")
     for name in ("p8", "p4"):
@@ -348,17 +372,11 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.slow
-def test_jaxnet_train_on_two_processes_with_resume_matches_four_devices(job8, tmp_path):
-    """`jaxnet train` as 2 processes x 2 host devices over gloo, against the same job in 1
-    process on 4 devices: SIGTERM to process 1 alone mid-epoch stops both after the same step,
-    both save the checkpoint together (orbax writes it once), and both restore it on --resume."""
-    from conftest import SMALL
-
-    from jaxnet.train import load_params
-
-    r, out, floor = job8
-    workdir = tmp_path / "run"
+@in_background("two_process_train")
+def _two_process_train(out: Path) -> tuple[list[list[str]], Path]:
+    """`jaxnet train` as 2 processes x 2 host devices: interrupted by SIGTERM to process 1 after
+    step 11, then resumed. Its outputs and its run folder."""
+    workdir = out / "run"
     args = ["train", "--workdir", str(workdir), "--no-progress", "--epochs", str(SMALL.epochs)]
     args += ["--limit", str(SMALL.limit), "--batch-size", str(SMALL.batch_size)]
     args += ["--per-example-grad-norms", str(SMALL.per_example_grad_norms)]
@@ -372,7 +390,24 @@ def test_jaxnet_train_on_two_processes_with_resume_matches_four_devices(job8, tm
         cmds = [[*jaxnet, *run, "--process-id", "0"], [*killed, *run, "--process-id", "1"]]
         # Interrupted: exit 128 + signal (SIGTERM in process 1; process 0 names no signal: 130).
         codes = [130, 143] if first else [0, 0]
-        texts.append(_run_all(cmds, _env(2), tmp_path, codes))
+        texts.append(_run_all(cmds, _env(2), out, codes))
+    return texts, workdir
+
+
+@pytest.fixture(scope="module")
+def two_process_train(request) -> tuple[list[list[str]], Path]:
+    return background_result(request, "two_process_train")
+
+
+@pytest.mark.slow
+def test_jaxnet_train_on_two_processes_with_resume_matches_four_devices(job8, two_process_train):
+    """`jaxnet train` as 2 processes x 2 host devices over gloo, against the same job in 1
+    process on 4 devices: SIGTERM to process 1 alone mid-epoch stops both after the same step,
+    both save the checkpoint together (orbax writes it once), and both restore it on --resume."""
+    from jaxnet.workdir import load_params
+
+    r, out, floor = job8
+    texts, workdir = two_process_train
     # rich wraps long lines (paths) at the terminal width: compare with spaces collapsed.
     (first0, first1), (second0, second1) = (tuple(" ".join(t.split()) for t in ts) for ts in texts)
     assert "mesh: 4 devices, 2 processes; batch 16 = 4 per device" in first0

@@ -1,267 +1,289 @@
-"""loss_fn / train_step / eval_step against PyTorch's backward() and torch.optim.SGD."""
+"""jaxnet.train, the training job end to end: files, resume, kill-and-resume, signals, NaN,
+bad checkpoints, early stopping, schedules."""
 
 from __future__ import annotations
 
-import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from conftest import (
-    JAX_CRITERIA,
-    make_targets,
-    max_abs_diff_params,
-    to_jax_batch,
-    torch_criteria,
-)
+from conftest import SMALL, small
+from flax import serialization
 
-import jaxnet
-from jaxnet.torch_reference import make_torch_net
+import jaxnet.train as train_mod
+from jaxnet.checkpoint import CheckpointError, Checkpoints
+from jaxnet.criteria import criterion
+from jaxnet.errors import ConfigError
+from jaxnet.train import NonFiniteLossError, train_and_evaluate
+from jaxnet.workdir import load_params
 
-
-def _torch_grads(torch_net, criterion, x, t):
-    torch_net.zero_grad()
-    loss = criterion(torch_net(x), t)
-    loss.backward()
-    return float(loss), {n: p.grad.double().numpy() for n, p in torch_net.named_parameters()}
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("loss_name", list(JAX_CRITERIA))
-def test_gradients_match_backward(net, images, loss_name, record_property):
-    """Every parameter's gradient equals loss.backward()'s, to the float32 noise floor."""
-    target = make_targets(loss_name, images.shape[0])
-    torch_net = make_torch_net(0)
-    params = jaxnet.params_from_torch(torch_net.state_dict())
-    (loss, _), grads = jax.value_and_grad(jaxnet.loss_fn, has_aux=True)(
-        params, net.apply, to_jax_batch(images, target), JAX_CRITERIA[loss_name]
+def assert_same_bits(a, b) -> None:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def without_seconds(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def test_end_to_end_writes_metrics_curves_checkpoints(reference_run, capsys):
+    workdir, result = reference_run
+    assert result.status == "finished"
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"):
+            assert np.isfinite(r[key])
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Checkpoints(workdir / "checkpoints") as ckpts:
+        step, meta = ckpts.read_meta("last")
+        best_epoch, _ = ckpts.read_meta("best")
+    assert step == 16 and meta["status"] == "finished" and meta["epoch"] == 3
+    assert best_epoch == result.best_epoch == min(records, key=lambda r: r["val_loss"])["epoch"]
+    assert result.diagnosis.text
+
+
+def test_logged_grad_norms_are_those_of_the_probe(reference_run):
+    """Every epoch logs the per-example gradient norms of the first 3 training examples (their
+    correctness: test_step.py)."""
+    from jaxnet.data import load_data
+    from jaxnet.step import per_example_grad_norms
+
+    workdir, result = reference_run
+    ds = load_data(limit=SMALL.limit)
+    probe = (ds.x_train[:3], ds.y_train[:3])  # what the run logged: 3 examples, one chunk
+    # The job's own state and criterion: its compiled per_example_grad_norms is reused.
+    norms = np.asarray(per_example_grad_norms(result.state, probe, criterion(SMALL.loss)))
+    assert norms.shape == (3,)
+    last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["grad_norm_mean"] == float(norms.mean())
+    assert last["grad_norm_max"] == float(norms.max())
+    assert last["grad_norm_median"] == float(np.median(norms))
+
+
+def test_resume_continues_bit_identically(reference_run, tmp_path: Path, capsys):
+    _, reference = reference_run
+    # What a process killed while writing its first checkpoint leaves: an orbax temporary.
+    (tmp_path / "checkpoints" / "last" / "8.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    first = train_and_evaluate(small(epochs=1, resume=True), tmp_path)
+    assert "no complete checkpoint" in capsys.readouterr().out
+    assert first.status == "finished" and len(first.history) == 1
+    resumed = train_and_evaluate(small(resume=True), tmp_path)
+    assert resumed.status == "finished"
+    assert_same_bits(
+        serialization.to_state_dict(resumed.state), serialization.to_state_dict(reference.state)
     )
-    torch_loss, torch_grads = _torch_grads(torch_net, torch_criteria()[loss_name], images, target)
-    # Noise floor: the same gradients in float64 from the same start.
-    t64 = make_torch_net(0, dtype=torch.float64)
-    _, grads64 = _torch_grads(
-        t64,
-        torch_criteria()[loss_name],
-        images.double(),
-        target.double() if target.is_floating_point() else target,
+    assert without_seconds(resumed.history) == without_seconds(reference.history)
+    # Resuming a finished run does nothing more.
+    again = train_and_evaluate(small(resume=True), tmp_path)
+    assert int(again.state.step) == int(reference.state.step)
+
+
+def _start_training(workdir: Path) -> subprocess.Popen:
+    # SMALL's settings but 50 epochs, so the process is surely still running when killed; the
+    # resume may change --epochs back to SMALL's 2.
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxnet",
+        "train",
+        "--workdir",
+        str(workdir),
+        "--limit",
+        str(SMALL.limit),
+        "--batch-size",
+        str(SMALL.batch_size),
+        "--epochs",
+        "50",
+        "--per-example-grad-norms",
+        str(SMALL.per_example_grad_norms),
+        "--no-progress",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    ours = jaxnet.params_to_torch(grads, as_numpy=True)
-    assert sorted(ours) == sorted(torch_grads)
-    diff = max(float(np.abs(ours[k] - torch_grads[k]).max()) for k in ours)
-    floor = max(float(np.abs(grads64[k] - torch_grads[k]).max()) for k in ours)
-    record_property("max_abs_grad_diff", diff)
-    record_property("grad_noise_floor", floor)
-    print(f"{loss_name}: grads max |jaxnet - torch| = {diff:.3g}, torch f32-vs-f64 = {floor:.3g}")
-    assert float(loss) == pytest.approx(torch_loss, rel=1e-6, abs=1e-7)
-    assert diff <= 4 * floor + 1e-9
 
 
-SGD_CASES = {
-    "tutorial": ("l1", {"lr": 0.01}),
-    "momentum": ("cross_entropy", {"lr": 0.05, "momentum": 0.9}),
-    "nesterov": ("mse", {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
-    "weight_decay": ("cross_entropy", {"lr": 0.05, "weight_decay": 0.1}),
-    "dampening": ("kl_div", {"lr": 0.05, "momentum": 0.9, "dampening": 0.5}),
-    "maximize": ("l1", {"lr": 0.01, "momentum": 0.5, "maximize": True}),
-    "all": ("cross_entropy", {"lr": 0.05, "momentum": 0.8, "weight_decay": 0.01, "nesterov": True}),
-}
+def _wait_for_first_checkpoint(proc: subprocess.Popen, workdir: Path) -> None:
+    last = workdir / "checkpoints" / "last"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if last.is_dir() and any(p.name.isdigit() for p in last.iterdir()):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before its first checkpoint: {proc.communicate()}")
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail("no checkpoint within 240 s")
 
 
-@pytest.mark.parametrize("case", list(SGD_CASES))
-def test_sgd_steps_match_torch(net, case, record_property):
-    """Params after step 1 (from identical params) and after step 3 (momentum and dampening act
-    from step 2 on) equal torch.optim.SGD's."""
-    loss_name, hyper = SGD_CASES[case]
-    torch_net = make_torch_net(0)
-    opt = torch.optim.SGD(torch_net.parameters(), **hyper)
-    state = jaxnet.TrainState.create(
-        apply_fn=net.apply,
-        params=jaxnet.params_from_torch(torch_net.state_dict()),
-        tx=jaxnet.optim.sgd(**hyper),
+def test_sigkill_mid_run_then_resume_is_bit_identical(reference_run, tmp_path: Path):
+    """A real `jaxnet train` process killed by SIGKILL (which cannot be caught) after its first
+    epoch's checkpoint, so during epoch 2; the resume replays epoch 2 from its start and ends
+    with the reference run's exact bits and metrics."""
+    _, reference = reference_run
+    proc = _start_training(tmp_path)
+    _wait_for_first_checkpoint(proc, tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = train_and_evaluate(small(resume=True), tmp_path)
+    assert resumed.status == "finished"
+    assert_same_bits(
+        serialization.to_state_dict(resumed.state), serialization.to_state_dict(reference.state)
     )
-    gen = torch.Generator().manual_seed(11)
-    diffs = []
-    for step in range(3):
-        x = torch.randn(8, 1, 32, 32, generator=gen)
-        t = make_targets(loss_name, 8, seed=step)
-        opt.zero_grad()
-        torch_criteria()[loss_name](torch_net(x), t).backward()
-        opt.step()
-        state, _ = jaxnet.train_step(state, to_jax_batch(x, t), JAX_CRITERIA[loss_name])
-        diffs.append(max(max_abs_diff_params(state.params, torch_net).values()))
-    record_property("max_abs_param_diff_step1", diffs[0])
-    record_property("max_abs_param_diff_step3", diffs[2])
-    print(f"sgd {case}: params max |diff| step 1 = {diffs[0]:.3g}, step 3 = {diffs[2]:.3g}")
-    assert int(state.step) == 3
-    assert diffs[0] <= 1e-6 and diffs[2] <= 1e-6
+    assert without_seconds(resumed.history) == without_seconds(reference.history)
 
 
-def test_tutorial_step_changes_params_as_torch(net, images):
-    """The tutorial: L1 loss on a random (1, 2) target, one SGD(lr=0.01) step."""
-    x, target = images[:1], torch.randn(2, generator=torch.Generator().manual_seed(0)).view(1, -1)
-    torch_net = make_torch_net(0)
-    before = jaxnet.params_from_torch(torch_net.state_dict())
-    state = jaxnet.TrainState.create(apply_fn=net.apply, params=before, tx=jaxnet.optim.sgd(0.01))
-    state, metrics = jaxnet.train_step(state, to_jax_batch(x, target), jaxnet.losses.l1_loss)
-    torch_net.zero_grad()
-    torch.nn.L1Loss()(torch_net(x), target).backward()
-    torch.optim.SGD(torch_net.parameters(), lr=0.01).step()
-    assert max(max_abs_diff_params(state.params, torch_net).values()) <= 1e-6
-    assert not np.array_equal(before["fc3"]["bias"], state.params["fc3"]["bias"])
-    with torch.no_grad():
-        after_torch = float(torch.nn.L1Loss()(torch_net(x), target))
-    after = jaxnet.eval_step(state, to_jax_batch(x, target), jaxnet.losses.l1_loss)["loss"]
-    assert float(after) == pytest.approx(after_torch, rel=1e-5)
-    assert float(after) < float(metrics["loss"])
+def _signal_after_step(monkeypatch, sig: signal.Signals, at_step: int) -> None:
+    """Make the training loop raise a real ``sig`` in this process right after step ``at_step``."""
+    real_step = train_mod.train_step
+
+    def step_then_signal(state, batch, criterion):
+        new_state, metrics = real_step(state, batch, criterion)
+        if int(new_state.step) == at_step:
+            os.kill(os.getpid(), sig)
+        return new_state, metrics
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
 
 
-def _flat(arrays):
-    return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("loss_name", ["cross_entropy", "l1"])
-def test_20_step_trajectory_within_float32_noise(net, loss_name, record_property):
-    """Relative L2 distance of all params after 20 steps: jaxnet-vs-torch(float32) stays below
-    2x the distance torch(float32)-vs-torch(float64) from the same start (measured: ~0.1x)."""
-    hyper = {"lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
-    t32, t64 = make_torch_net(0), make_torch_net(0, dtype=torch.float64)
-    o32 = torch.optim.SGD(t32.parameters(), **hyper)
-    o64 = torch.optim.SGD(t64.parameters(), **hyper)
-    state = jaxnet.TrainState.create(
-        apply_fn=net.apply,
-        params=jaxnet.params_from_torch(t32.state_dict()),
-        tx=jaxnet.optim.sgd(**hyper),
+def test_sigterm_mid_epoch_saves_and_resumes_identically(reference_run, tmp_path, monkeypatch):
+    """A real SIGTERM, raised at step 11 (epoch 2, batch 3): the run saves a mid-epoch
+    checkpoint and returns; resuming from it gives the reference run's bits and metrics."""
+    _, reference = reference_run
+    _signal_after_step(monkeypatch, signal.SIGTERM, at_step=11)
+    stopped = train_and_evaluate(SMALL, tmp_path)
+    monkeypatch.undo()
+    assert stopped.status == "interrupted" and stopped.signal == "SIGTERM"
+    assert int(stopped.state.step) == 11
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    with Checkpoints(tmp_path / "checkpoints") as ckpts:
+        step, meta = ckpts.read_meta("last")
+    assert step == 11 and meta["partial"]["batches_done"] == 3
+    resumed = train_and_evaluate(small(resume=True), tmp_path)
+    assert_same_bits(
+        serialization.to_state_dict(resumed.state), serialization.to_state_dict(reference.state)
     )
-    gen = torch.Generator().manual_seed(5)
-    crit = torch_criteria()[loss_name]
-    for step in range(20):
-        x = torch.randn(16, 1, 32, 32, generator=gen)
-        t = make_targets(loss_name, 16, seed=100 + step)
-        for tn, opt, dtype in ((t32, o32, torch.float32), (t64, o64, torch.float64)):
-            opt.zero_grad()
-            crit(tn(x.to(dtype)), t.to(dtype) if t.is_floating_point() else t).backward()
-            opt.step()
-        state, _ = jaxnet.train_step(state, to_jax_batch(x, t), JAX_CRITERIA[loss_name])
-    ref = _flat(v.numpy() for v in t64.state_dict().values())
-    f32 = _flat(v.numpy() for v in t32.state_dict().values())
-    ours = _flat(jaxnet.params_to_torch(state.params, as_numpy=True).values())
-    floor = np.linalg.norm(f32 - ref) / np.linalg.norm(ref)
-    drift = np.linalg.norm(ours - f32) / np.linalg.norm(ref)
-    record_property("rel_l2_drift", drift)
-    record_property("rel_l2_noise_floor", floor)
-    print(f"20 steps {loss_name}: jaxnet-vs-torch32 {drift:.3g}, torch32-vs-torch64 {floor:.3g}")
-    assert 0 < floor and drift <= 2 * floor
+    assert without_seconds(resumed.history) == without_seconds(reference.history)
 
 
-def test_train_step_compiles_once(net):
-    params = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
-    state = jaxnet.TrainState.create(apply_fn=net.apply, params=params, tx=jaxnet.optim.sgd(0.01))
-    batch = (jnp.zeros((4, 32, 32, 1)), jnp.zeros((4,), jnp.int32))
-    state, _ = jaxnet.train_step(state, batch, jaxnet.losses.cross_entropy)
-    before = jaxnet.train_step._cache_size()
-    for i in range(5):
-        images = jax.random.normal(jax.random.key(i), (4, 32, 32, 1))
-        state, _ = jaxnet.train_step(state, (images, batch[1]), jaxnet.losses.cross_entropy)
-    assert jaxnet.train_step._cache_size() == before
-    # A new batch shape is one more compilation, as expected.
-    jaxnet.train_step(
-        state, (jnp.zeros((2, 32, 32, 1)), jnp.zeros((2,), jnp.int32)), jaxnet.losses.cross_entropy
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    real_step = train_mod.train_step
+
+    def nan_at_step_11(state, batch, criterion):
+        new_state, metrics = real_step(state, batch, criterion)
+        if int(state.step) + 1 == 11:
+            metrics = {**metrics, "loss": np.float32("nan")}
+        return new_state, metrics
+
+    monkeypatch.setattr(train_mod, "train_step", nan_at_step_11)
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"nan at step 11 \(epoch 2, batch 3 of 8\)"
+        r".*last good checkpoint \(step 8\)",
+    ):
+        train_and_evaluate(SMALL, tmp_path)
+    with Checkpoints(tmp_path / "checkpoints") as ckpts:
+        assert ckpts.read_meta("last")[0] == 8
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (tmp_path / "curves.png").exists()
+
+
+def test_diverging_learning_rate_is_caught(tmp_path: Path):
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ \(epoch 1.*Lower --lr"):
+        train_and_evaluate(small(lr=1e12, epochs=1), tmp_path)
+
+
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path: Path):
+    for bad, message in (
+        (small(loss="nope"), "unknown loss 'nope'"),
+        (small(optimizer="nope"), "unknown optimizer 'nope'"),
+        (small(optimizer_kwargs={"betas": (0.9, 0.99)}), "takes no betas"),
+        (small(epochs=0), r"epochs must be"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            train_and_evaluate(bad, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_needs_resume_or_overwrite(copy_of_reference: Path):
+    with pytest.raises(CheckpointError, match=r"--resume.*--overwrite"):
+        train_and_evaluate(SMALL, copy_of_reference)
+    with pytest.raises(CheckpointError, match=r"other settings \(lr: checkpoint 0.01, now 0.02"):
+        train_and_evaluate(small(resume=True, lr=0.02), copy_of_reference)
+
+
+def test_foreign_and_corrupt_checkpoint_dirs(copy_of_reference: Path, tmp_path: Path):
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoints" / "something").mkdir(parents=True)
+    (foreign / "checkpoints" / "model.pkl").write_bytes(b"\x80\x04junk")
+    with pytest.raises(CheckpointError, match="not a jaxnet checkpoint folder"):
+        train_and_evaluate(small(resume=True), foreign)
+    # A real orbax checkpoint without jaxnet's meta is foreign too.
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(tmp_path / "other" / "checkpoints" / "last") as manager:
+        manager.save(1, args=ocp.args.Composite(meta=ocp.args.JsonSave({"x": 1})))
+    with pytest.raises(CheckpointError, match="not a jaxnet training checkpoint"):
+        train_and_evaluate(small(resume=True), tmp_path / "other")
+    # Damaged array data in a jaxnet checkpoint.
+    state_dir = next((copy_of_reference / "checkpoints" / "last").iterdir()) / "state"
+    shutil.rmtree(state_dir)
+    state_dir.mkdir()
+    (state_dir / "garbage").write_text("x")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train_and_evaluate(small(resume=True), copy_of_reference)
+
+
+def test_early_stopping_keeps_best(tmp_path: Path, monkeypatch):
+    real_evaluate = train_mod.evaluate
+    val_losses = iter([0.5, 0.4, 0.45])
+
+    def scripted_evaluate(*args, **kwargs):  # the real evaluation, with a scripted val loss
+        return {**real_evaluate(*args, **kwargs), "loss": next(val_losses)}
+
+    monkeypatch.setattr(train_mod, "evaluate", scripted_evaluate)
+    result = train_and_evaluate(small(epochs=5, early_stopping=1), tmp_path)
+    assert result.status == "early-stopped" and result.best_epoch == 2
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]  # not 4 and 5
+    with Checkpoints(tmp_path / "checkpoints") as ckpts:
+        assert ckpts.read_meta("best")[0] == 2
+        assert ckpts.read_meta("last")[1]["status"] == "early-stopped"
+    best, _, _ = load_params(tmp_path, "best")
+    last, _, _ = load_params(tmp_path, "last")
+    assert not np.array_equal(best["fc3"]["bias"], last["fc3"]["bias"])
+
+
+def test_train_with_schedule_resumes_bit_identically(reference_run, tmp_path):
+    """The schedule's position lives in the optimizer state: a resumed run continues it."""
+    sched = {"schedule": "step_lr", "schedule_kwargs": {"step_size": 1, "gamma": 0.5}}
+    first = train_and_evaluate(small(epochs=1, **sched), tmp_path / "a")
+    assert first.status == "finished"
+    with pytest.raises((ValueError, CheckpointError), match="schedule"):
+        train_and_evaluate(small(resume=True), tmp_path / "a")
+    resumed = train_and_evaluate(small(resume=True, **sched), tmp_path / "a")
+    whole = train_and_evaluate(small(**sched), tmp_path / "b")
+    assert_same_bits(
+        serialization.to_state_dict(resumed.state), serialization.to_state_dict(whole.state)
     )
-    assert jaxnet.train_step._cache_size() == before + 1
-
-
-def test_eval_step_and_metrics(net):
-    params = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
-    state = jaxnet.create_train_state(jax.random.key(0), net, jaxnet.optim.sgd(0.1), params=params)
-    images = jax.random.normal(jax.random.key(1), (6, 32, 32, 1))
-    logits = net.apply({"params": params}, images)
-    labels = jnp.argmax(logits, -1).at[0].set(1 - jnp.argmax(logits[0]))
-    metrics = jaxnet.eval_step(state, (images, labels), jaxnet.losses.cross_entropy)
-    assert float(metrics["accuracy"]) == pytest.approx(5 / 6)
-    assert float(metrics["loss"]) == pytest.approx(
-        float(jaxnet.losses.cross_entropy(logits, labels)), rel=1e-6
+    _, plain = reference_run  # the same run without the schedule
+    assert SMALL == small(epochs=2) and SMALL.schedule is None
+    assert not np.array_equal(
+        np.asarray(plain.state.params["fc3"]["bias"]), np.asarray(whole.state.params["fc3"]["bias"])
     )
-    regression = jaxnet.eval_step(state, (images, jnp.zeros((6, 2))), jaxnet.losses.mse_loss)
-    assert set(regression) == {"loss"}
-
-
-def test_train_step_rejects_out_of_range_labels(net):
-    params = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
-    state = jaxnet.TrainState.create(apply_fn=net.apply, params=params, tx=jaxnet.optim.sgd(0.1))
-    batch = (jnp.zeros((3, 32, 32, 1)), jnp.array([0, 1, 7]))
-    with pytest.raises(Exception, match=r"labels must lie in \[0, 2\)"):
-        jax.block_until_ready(jaxnet.train_step(state, batch, jaxnet.losses.cross_entropy))
-    with pytest.raises(Exception, match=r"labels must lie in \[0, 2\)"):
-        jax.block_until_ready(jaxnet.eval_step(state, batch, jaxnet.losses.cross_entropy))
-
-
-# A criterion partial with its own ignore_index: module level, so the static argument is the
-# same object in every call.
-CE_IGNORING_5 = functools.partial(jaxnet.losses.cross_entropy, ignore_index=5)
-
-
-def test_label_guard_follows_the_criterions_ignore_index(net):
-    from jaxnet.train import CRITERIA, ignored_label
-
-    assert ignored_label(jaxnet.losses.cross_entropy) == -100
-    assert ignored_label(CE_IGNORING_5) == 5
-    assert ignored_label(functools.partial(CE_IGNORING_5, label_smoothing=0.1)) == 5
-    assert ignored_label(CRITERIA["mse"]) is None
-    params = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
-    state = jaxnet.TrainState.create(apply_fn=net.apply, params=params, tx=jaxnet.optim.sgd(0.1))
-    images = jax.random.normal(jax.random.key(1), (4, 32, 32, 1))
-    # With ignore_index=5 a 2-class net may get label 5: skipped by the loss, allowed by the
-    # guard, left out of the accuracy.
-    labels = jnp.array([0, 5, 1, 5])
-    metrics = jaxnet.eval_step(state, (images, labels), CE_IGNORING_5)
-    jax.block_until_ready(jaxnet.train_step(state, (images, labels), CE_IGNORING_5))
-    logits = net.apply({"params": params}, images)
-    hits = np.asarray(jnp.argmax(logits, -1) == labels)[[0, 2]]
-    assert float(metrics["accuracy"]) == pytest.approx(hits.mean())
-    # -100 is torch's default only: with ignore_index=5 it is out of range.
-    with pytest.raises(Exception, match=r"labels must lie in \[0, 2\)"):
-        batch = (images, jnp.array([0, -100, 0, 1]))
-        jax.block_until_ready(jaxnet.train_step(state, batch, CE_IGNORING_5))
-    # mse on labels has no ignore_index: -100 would silently become an all-zero one-hot target.
-    with pytest.raises(Exception, match=r"labels must lie in \[0, 2\)"):
-        batch = (images, jnp.array([0, -100, 0, 1]))
-        jax.block_until_ready(jaxnet.train_step(state, batch, CRITERIA["mse"]))
-
-
-def test_train_step_rejects_wrong_target_shape(net):
-    params = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
-    state = jaxnet.TrainState.create(apply_fn=net.apply, params=params, tx=jaxnet.optim.sgd(0.1))
-    with pytest.raises(ValueError, match="differs"):
-        jaxnet.train_step(
-            state, (jnp.zeros((3, 32, 32, 1)), jnp.zeros((3,))), jaxnet.losses.l1_loss
-        )
-    with pytest.raises(ValueError, match="one target row per image"):
-        jaxnet.train_step(
-            state,
-            (jnp.zeros((3, 32, 32, 1)), jnp.zeros((4,), jnp.int32)),
-            jaxnet.losses.cross_entropy,
-        )
-    with pytest.raises(ValueError, match="NCHW"):
-        jaxnet.train_step(
-            state, (jnp.zeros((3, 1, 32, 32)), jnp.zeros((3, 2))), jaxnet.losses.l1_loss
-        )
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        {"lr": -1.0},
-        {"momentum": -0.1},
-        {"weight_decay": -1.0},
-        {"nesterov": True},
-        {"momentum": 0.9, "dampening": 0.1, "nesterov": True},
-    ],
-)
-def test_sgd_rejects_what_torch_rejects(bad):
-    kwargs = {"lr": 0.1, **bad}
-    with pytest.raises(ValueError):
-        jaxnet.optim.sgd(**kwargs)
-    with pytest.raises(ValueError):
-        torch.optim.SGD(make_torch_net(0).parameters(), **kwargs)

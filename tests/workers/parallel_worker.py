@@ -1,15 +1,18 @@
 """Run by tests/test_parallel.py in a subprocess with 8 host devices (XLA_FLAGS must be set
 before jax is imported, so this cannot run inside the pytest process).
 
-Usage: python tests/parallel_worker.py OUT_DIR. Writes OUT_DIR/result.json, the initial params
-as OUT_DIR/init.npz and the 4-device run's final params as OUT_DIR/mesh4.npz (the start and the
-reference for the 2-process run).
+Usage: python tests/workers/parallel_worker.py OUT_DIR [CONFIG_JSON]. Writes
+OUT_DIR/result.json, the initial params as OUT_DIR/init.npz and the 4-device run's final params
+as OUT_DIR/mesh4.npz (the start and the reference for the 2-process run). With CONFIG_JSON (a
+``TrainConfig`` as ``jaxnet.config.config_to_json`` gives it), the same process also runs
+``train_parallel_worker`` into OUT_DIR/job: one launch, one JAX start-up for both.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -18,6 +21,8 @@ import numpy as np
 
 from jaxnet import Net, create_train_state, eval_step, losses, optim, train_step
 from jaxnet import parallel as par
+from jaxnet.examples.data_parallel import synthetic_dataset, train_data_parallel, write_params_npz
+from jaxnet.model import abstract_params
 
 BATCH = 32
 STEPS = 10
@@ -51,7 +56,7 @@ def torch_like_init(net: Net, seed: int = 0) -> dict:
     """Params distributed like Net's torch init, U(+-1/sqrt(fan_in)), drawn with NumPy: compiling
     Net's threefry init costs more than all the steps here, and any realistic start will do."""
     rng = np.random.default_rng(seed)
-    like = jax.eval_shape(par.init_params, net, jax.random.key(0))
+    like = abstract_params(net)
     out = {}
     for layer, p in like.items():
         bound = 1 / np.sqrt(np.prod(p["kernel"].shape[:-1]))
@@ -62,13 +67,14 @@ def torch_like_init(net: Net, seed: int = 0) -> dict:
 
 
 def main(out: Path) -> None:
+    start = time.perf_counter()
     devices = jax.devices()
     assert len(devices) == 8, f"expected 8 host devices, got {devices}"
     mesh1, mesh4, mesh8 = (par.make_mesh(devices[:n]) for n in (1, 4, 8))
     result: dict = {"describe": [par.describe_mesh(m) for m in (mesh1, mesh4, mesh8)]}
 
     # Shardings as intended: batch split over "data", state replicated on all 8 devices.
-    x, y = par.synthetic_dataset(BATCH)
+    x, y = synthetic_dataset(BATCH)
     images, labels = par.shard_batch((x, y), mesh8)
     result["batch_spec"] = str(images.sharding.spec)
     result["batch_shard_shapes"] = sorted({s.data.shape for s in images.addressable_shards})
@@ -78,7 +84,7 @@ def main(out: Path) -> None:
     result["local_rows_8"] = par.local_batch_indices(BATCH, mesh8).tolist()
 
     params0 = torch_like_init(Net())
-    par.write_params_npz(out / "init.npz", params0)  # the 2-process run starts from it too
+    write_params_npz(out / "init.npz", params0)  # the 2-process run starts from it too
     # The unchanged train_step, given these shardings, compiles to a program in which XLA's
     # all-reduce sums the per-device gradient contributions.
     state8 = par.replicate(
@@ -108,7 +114,7 @@ def main(out: Path) -> None:
             if steps == 1 and name == "f32_4":
                 continue
             with jax.enable_x64(dtype == jnp.float64):
-                state, history = par.train_data_parallel(
+                state, history = train_data_parallel(
                     steps, BATCH, mesh=mesh, dtype=dtype, params=params0
                 )
                 params = flat(state.params)
@@ -140,13 +146,25 @@ def main(out: Path) -> None:
 
     # Uneven global batch: a clear error naming the fix, from every entry point.
     result["errors"] = {
-        "shard_batch": error_of(lambda: par.shard_batch(par.synthetic_dataset(12), mesh8)),
-        "driver": error_of(lambda: par.train_data_parallel(1, 12, mesh=mesh8)),
+        "shard_batch": error_of(lambda: par.shard_batch(synthetic_dataset(12), mesh8)),
+        "driver": error_of(lambda: train_data_parallel(1, 12, mesh=mesh8)),
         "local_rows": error_of(lambda: par.local_batch_indices(4, mesh8)),
         "mismatched": error_of(lambda: par.shard_batch((x, y[:8]), mesh8)),
     }
+    result["seconds"] = time.perf_counter() - start
     (out / "result.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    out = Path(sys.argv[1])
+    if len(sys.argv) > 2:
+        import train_parallel_worker  # this script's folder is on sys.path
+
+        from jaxnet.config import TrainConfig
+
+        config = TrainConfig(**json.loads(sys.argv[2]))
+        (out / "job").mkdir()
+        train_parallel_worker.float64_loops(out / "job", config)  # first: the largest memory
+    main(out)
+    if len(sys.argv) > 2:
+        train_parallel_worker.jobs(out / "job", config)

@@ -1,0 +1,1 @@
+"""Example programs built on jaxnet (run with ``python -m jaxnet.examples.<name>``)."""

@@ -1,0 +1,180 @@
+"""The 3x3 convolution + ReLU of ``Net``'s conv layers, with a hand-written backward pass.
+
+The forward pass is XLA's convolution (or, for one input channel, a fused sum of shifted
+slices); the backward pass picks, per platform, the forms XLA:CPU runs fastest and plain
+convolutions elsewhere. Why each form exists, and what it was measured against, is in
+``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["conv3x3_relu"]
+
+_CONV_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv3x3_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_CONV_DIMS)
+
+
+def _conv3x3_shifted(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    # A VALID 3x3 convolution as 9*C shifted slices of x, each times one row of the kernel,
+    # summed: XLA:CPU fuses it into one elementwise loop with the bias and the ReLU.
+    ho, wo = x.shape[1] - 2, x.shape[2] - 2
+    terms = (
+        x[:, i : i + ho, j : j + wo, c : c + 1] * kernel[i, j, c]
+        for i in range(3)
+        for j in range(3)
+        for c in range(x.shape[-1])
+    )
+    return functools.reduce(jnp.add, terms)
+
+
+def _conv3x3_dkernel_single(x: jax.Array, g: jax.Array) -> jax.Array:
+    # dL/dkernel[i, j, c, o] = sum_{n,h,w} x[n, h+i, w+j, c] g[n, h, w, o]: a convolution of x
+    # by g with the batch as the contracted feature axis. Written out (rather than left to
+    # autodiff) so XLA:CPU gets these layouts everywhere: inside a lax.scan body it otherwise
+    # keeps NHWC and runs this convolution ~10x slower.
+    dk = jax.lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0),
+        g.transpose(1, 2, 0, 3),
+        (1, 1),
+        "VALID",
+        dimension_numbers=_CONV_DIMS,
+    )
+    return dk.transpose(1, 2, 0, 3)
+
+
+# XLA:CPU hands a convolution to YNNPACK when its input or output feature axis is longer than
+# 16, and keeps it in its own (Eigen) kernels otherwise. For the kernel gradient the contracted
+# feature axis is the batch, and YNNPACK runs it several times slower than Eigen does
+# (docs/performance.md). So on CPU the batch is cut into chunks of at most 16 samples and the
+# chunks' kernel gradients are summed.
+_DKERNEL_CHUNK = 16
+# Chunks per loop iteration, unrolled: a loop keeps compile time flat in the batch size (a
+# fully unrolled sum compiles in time growing with the batch), and 4 chunks per iteration ran
+# fastest (docs/performance.md).
+_DKERNEL_UNROLL = 4
+
+
+def _conv3x3_dkernel_chunked(x: jax.Array, g: jax.Array) -> jax.Array:
+    # Chunk k holds samples k, k + G, k + 2G, ... (G = N // 16 chunks), not 16 neighbours: a
+    # batch sharded over devices in contiguous blocks then keeps every chunk spread over all
+    # devices, so each chunk's gradient is a local convolution plus an all-reduce, as for the
+    # whole batch; 16 neighbours would live on one device and be gathered to all of them.
+    # Each chunk is read in place (a dynamic slice of the (16, G, ...) view) by a fori_loop:
+    # transposing x and g to (G, 16, ...) first was slower at large batches.
+    n = x.shape[0]
+    main = (n // _DKERNEL_CHUNK) * _DKERNEL_CHUNK
+    chunks = main // _DKERNEL_CHUNK
+    x4 = x[:main].reshape(_DKERNEL_CHUNK, chunks, *x.shape[1:])
+    g4 = g[:main].reshape(_DKERNEL_CHUNK, chunks, *g.shape[1:])
+
+    def chunk(k: Any) -> jax.Array:
+        xk = jax.lax.dynamic_index_in_dim(x4, k, axis=1, keepdims=False)
+        gk = jax.lax.dynamic_index_in_dim(g4, k, axis=1, keepdims=False)
+        return _conv3x3_dkernel_single(xk, gk)
+
+    def unrolled(first: Any, count: int) -> jax.Array:
+        return functools.reduce(jnp.add, (chunk(first + u) for u in range(count)))
+
+    looped = (chunks // _DKERNEL_UNROLL) * _DKERNEL_UNROLL if chunks >= 2 * _DKERNEL_UNROLL else 0
+    parts = []
+    if looped:
+        zero = jnp.zeros((3, 3, x.shape[-1], g.shape[-1]), jnp.result_type(x, g))
+        parts.append(
+            jax.lax.fori_loop(
+                0,
+                looped // _DKERNEL_UNROLL,
+                lambda i, acc: acc + unrolled(i * _DKERNEL_UNROLL, _DKERNEL_UNROLL),
+                zero,
+            )
+        )
+    if chunks > looped:
+        parts.append(unrolled(looped, chunks - looped))
+    if n > main:  # the last n % 16 samples (under sharding, XLA moves these few rows)
+        parts.append(_conv3x3_dkernel_single(x[main:], g[main:]))
+    return functools.reduce(jnp.add, parts)
+
+
+def _conv3x3_dkernel(x: jax.Array, g: jax.Array) -> jax.Array:
+    if x.shape[0] <= _DKERNEL_CHUNK:
+        return _conv3x3_dkernel_single(x, g)
+    # Lowered for the platform the step runs on: one convolution wherever the library
+    # threshold above does not apply (GPU, TPU).
+    return jax.lax.platform_dependent(
+        x, g, cpu=_conv3x3_dkernel_chunked, default=_conv3x3_dkernel_single
+    )
+
+
+def _conv3x3_dinput_conv(g: jax.Array, kernel: jax.Array) -> jax.Array:
+    # The transposed convolution: g padded by 2, correlated with the flipped, I/O-swapped kernel.
+    k = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    return jax.lax.conv_general_dilated(
+        g, k, (1, 1), ((2, 2), (2, 2)), dimension_numbers=_CONV_DIMS
+    )
+
+
+def _conv3x3_dinput_taps(g: jax.Array, kernel: jax.Array) -> jax.Array:
+    # dL/dx[n, y, x, c] = sum_{i,j,o} g[n, y-i, x-j, o] kernel[i, j, c, o]. One matmul gives
+    # every tap's term at once, (N*H*W, O) @ (O, 9*C), and one fused loop adds the 9 shifted,
+    # zero-padded slices. XLA:CPU runs this faster than its transposed convolution
+    # (docs/performance.md).
+    n, h, w, o = g.shape
+    c = kernel.shape[2]
+    taps = g.reshape(n * h * w, o) @ kernel.transpose(3, 0, 1, 2).reshape(o, 9 * c)
+    taps = taps.reshape(n, h, w, 3, 3, c)
+    placed = (
+        jnp.pad(taps[:, :, :, i, j, :], ((0, 0), (i, 2 - i), (j, 2 - j), (0, 0)))
+        for i in range(3)
+        for j in range(3)
+    )
+    return functools.reduce(jnp.add, placed)
+
+
+def _conv3x3_dinput(g: jax.Array, kernel: jax.Array) -> jax.Array:
+    # Lowered for the platform the step runs on; elsewhere the convolution (cuDNN on GPU).
+    return jax.lax.platform_dependent(
+        g, kernel, cpu=_conv3x3_dinput_taps, default=_conv3x3_dinput_conv
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def conv3x3_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array, shifted: bool) -> jax.Array:
+    """``relu(conv(x, kernel) + bias)``: a VALID, stride-1 3x3 convolution, NHWC/HWIO.
+
+    ``x`` ``(N, H, W, C)``, ``kernel`` ``(3, 3, C, O)``, ``bias`` ``(O,)`` -> ``(N, H-2, W-2, O)``.
+    Equal to ``nn.Conv(O, (3, 3), padding="VALID")`` then ``nn.relu`` up to float32 round-off.
+
+    ``shifted=True`` computes the forward pass as a fused sum of 9*C shifted slices, much
+    faster than XLA:CPU's convolution for C=1 (conv1); for larger C it loses,
+    because XLA fuses the sum again into each consumer of the output. The backward pass is
+    written out: on CPU the input gradient as one matmul over all taps plus a fused shifted
+    sum, and the kernel gradient as convolutions over chunks of at most 16 samples, in the
+    layouts XLA:CPU runs fastest, also inside ``lax.scan``; on other platforms, two plain
+    convolutions.
+    """
+    z = _conv3x3_shifted(x, kernel) if shifted else _conv3x3_xla(x, kernel)
+    return jax.nn.relu(z + bias)
+
+
+def _conv3x3_relu_fwd(x, kernel, bias, shifted):
+    y = conv3x3_relu(x, kernel, bias, shifted)
+    return y, (x, kernel, y)
+
+
+def _conv3x3_relu_bwd(shifted, res, dy):
+    del shifted
+    x, kernel, y = res
+    # relu'(0) = 0, as in jax.nn.relu's and torch's backward.
+    g = jnp.where(y > 0, dy, jnp.zeros_like(dy))
+    return _conv3x3_dinput(g, kernel), _conv3x3_dkernel(x, g), jnp.sum(g, axis=(0, 1, 2))
+
+
+conv3x3_relu.defvjp(_conv3x3_relu_fwd, _conv3x3_relu_bwd)

@@ -1,0 +1,238 @@
+"""Cross-framework validator: is a jaxnet training run the PyTorch training run?
+
+``validate(...)`` (and ``jaxnet validate``) starts jaxnet and the PyTorch reference ``Net`` from
+the same weights, feeds both the same stream of batches with the same criterion
+(``jaxnet.criteria``), optimizer and schedule (one ``jaxnet.optim.resolve`` spec for both), and
+records at every step how far apart the outputs, the loss, every gradient and every parameter
+are. jaxnet's side is training's own ``jaxnet.step.compute_grads`` and ``apply_gradients``. A
+third run, PyTorch in float64 from the same start, measures the **noise floor**: how far
+float32 arithmetic alone moves a run from the exact one.
+
+What "equal" means (the verdict):
+
+* the first step, taken from identical parameters, agrees to float32 round-off: for the
+  outputs, the loss, every gradient, and the optimizer's update (applied by torch to
+  jaxnet's gradients, see ``compare._first_step_check``),
+  ``max|jax - torch64| <= step_factor * (max|torch32 - torch64| + 1 ulp)`` per tensor (the
+  float32 round-off of that very computation, measured, plus one ulp at its scale);
+* the whole trajectory stays within the noise floor: at every recorded step the relative L2
+  distance of all parameters from the float64 run, ``|jax - torch64| / |torch64|``, is at most
+  ``drift_factor`` times torch float32's own distance ``|torch32 - torch64| / |torch64|``.
+
+Max-abs differences are recorded too but do not judge whole runs: after a few Adam steps they
+are dominated by weights whose gradient is near ``eps``, where float32 rounding alone moves
+the update by up to ~lr.
+
+The package: ``config`` (``ValidateConfig``), ``streams`` (the batches), ``harness`` (the three
+runs), ``compare`` (the maths), ``report`` (``Report``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from jaxnet import optim
+from jaxnet.convert import params_from_torch, params_to_torch
+from jaxnet.criteria import Criterion, criterion
+from jaxnet.optim import OptimizerSpec
+from jaxnet.validation.compare import _compare, _first_step_check, _update_check, drift_check
+from jaxnet.validation.config import (
+    DEFAULT_DRIFT_FACTOR,
+    DEFAULT_STEP_FACTOR,
+    ValidateConfig,
+    make_config,
+)
+from jaxnet.validation.harness import (
+    JaxRun,
+    TorchRun,
+    float32_arithmetic,
+    jax_params,
+    pick_device,
+    torch_threads,
+)
+from jaxnet.validation.report import Report
+from jaxnet.validation.streams import (
+    DataStream,
+    check_batch,
+    dataset_stream,
+    make_stream,
+    random_stream,
+)
+
+__all__ = [
+    "DEFAULT_DRIFT_FACTOR",
+    "DEFAULT_STEP_FACTOR",
+    "DataStream",
+    "Report",
+    "ValidateConfig",
+    "dataset_stream",
+    "random_stream",
+    "validate",
+]
+
+
+def validate(
+    config: ValidateConfig | None = None,
+    /,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    **fields: Any,
+) -> Report:
+    """Train jaxnet and PyTorch (float32, and float64 as the reference) side by side; compare.
+
+    ``validate(ValidateConfig(steps=50, optimizer="adam"))``, or the same settings as keywords:
+    ``validate(steps=50, optimizer="adam")``; keywords given with a config replace its fields
+    (see ``ValidateConfig`` for each). ``progress`` is called as ``progress(step, steps)``
+    after every step.
+
+    Returns a ``Report``; ``report.exit_code`` is 0 when the run is equal within float32 noise.
+    Raises ``ConfigError`` for an unknown setting or a value no run can use (and the loaders'
+    ``WeightFileError``/``DataError`` for unusable weights or data).
+    """
+    t0 = time.perf_counter()
+    config = make_config(config, fields)
+    run = _setup(config)
+    every, last = config.record_every, config.steps - 1
+    with float32_arithmetic(run.device), torch_threads(config.torch_threads):
+        for k in range(config.steps):
+            _step(run, k, record=k == 0 or (k + 1) % every == 0 or k == last)
+            if progress is not None:
+                progress(k + 1, config.steps)
+            if not run.finite:
+                break
+    first_ratio, first_where = _first_step_check(run.records[0])
+    drift_ratio, drift_step = drift_check(run.records)
+    return Report(
+        config=_config_dict(config, run),
+        records=run.records,
+        first_step_ratio=first_ratio,
+        first_step_worst=first_where,
+        drift_ratio=drift_ratio,
+        drift_worst_step=drift_step,
+        finite=run.finite,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+@dataclasses.dataclass
+class _Run:
+    """A validation run in progress: the three runs, what feeds them, and the record so far."""
+
+    criterion: Criterion
+    spec: OptimizerSpec
+    device: Any
+    start: Any  # the torch Net (float32) every run starts from
+    jax: JaxRun
+    torch: dict[str, TorchRun]
+    stream: DataStream
+    data: str
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    scratch: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    finite: bool = True
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.start.fc3.out_features)
+
+    def fresh_torch_run(self, dtype: Any) -> TorchRun:
+        """A PyTorch run from the start, in ``dtype`` (for the first update's check)."""
+        return TorchRun(copy.deepcopy(self.start).to(dtype), self.spec, self.criterion)
+
+
+def _setup(config: ValidateConfig) -> _Run:
+    """Check the names, then build the three runs from the same start, criterion and spec."""
+    import torch
+
+    crit = criterion(config.loss, **(config.loss_options or {}))
+    spec = optim.resolve(
+        config.optimizer,
+        config.optimizer_options,
+        config.schedule,
+        config.schedule_options,
+        steps_per_epoch=config.steps_per_epoch,
+        run_steps=config.steps,
+    )
+    tx = optim.transform(spec)  # ConfigError for values torch refuses, with torch's message
+    device = pick_device(config.device)
+    start = _start_net(config).to(device)
+    num_classes = int(start.fc3.out_features)
+    stream, data = make_stream(config.data, config.batch_size, config.seed, num_classes)
+    runs = {
+        "torch32": TorchRun(copy.deepcopy(start), spec, crit),
+        "torch64": TorchRun(copy.deepcopy(start).to(torch.float64), spec, crit),
+    }
+    jax_run = JaxRun(jax_params(start), num_classes, tx, crit)
+    return _Run(crit, spec, device, start, jax_run, runs, stream, data)
+
+
+def _start_net(config: ValidateConfig) -> Any:
+    """The torch ``Net`` all runs start from: ``config.weights``, or a fresh one from the seed."""
+    import torch
+
+    from jaxnet.torch_reference import TorchNet, make_torch_net
+
+    if config.weights is None:
+        return make_torch_net(config.seed, config.num_classes)
+    state = params_to_torch(params_from_torch(config.weights), as_numpy=True)
+    net = TorchNet(state["fc3.weight"].shape[0])
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    return net
+
+
+def _step(run: _Run, k: int, record: bool) -> None:
+    """Step ``k`` of the three runs on one batch; compare them when ``record``."""
+    images, labels = run.stream(k)
+    check_batch(images, labels, run.num_classes, k)
+    images, labels = np.asarray(images), np.asarray(labels)
+    out = {name: r.step(images, labels) for name, r in run.torch.items()}
+    loss, logits, grads = run.jax.step(images, labels)
+    if not record:  # between recorded steps only the losses are checked (cheap)
+        losses = [float(loss)] + [o["loss"] for o in out.values()]
+        run.finite &= bool(np.isfinite(losses).all())
+        return
+    out["jax"] = run.jax.record(loss, logits, grads)
+    rec = {"step": k + 1, "lr": out["torch32"]["lr"], **_compare(out, run.scratch)}
+    if k == 0:
+        jax_out = out["jax"]
+        rec["update"] = _update_check(jax_out["params"], jax_out["grads"], run.fresh_torch_run)
+    run.records.append(rec)
+    run.finite &= all(
+        np.isfinite(o["loss"]) and all(np.all(np.isfinite(v)) for v in o["params"].values())
+        for o in out.values()
+    )
+
+
+def _config_dict(config: ValidateConfig, run: _Run) -> dict[str, Any]:
+    """The report's ``config``: every ``ValidateConfig`` field as the run used it (the
+    criterion's and optimizer's resolved options, defaults included), plus the platform."""
+    import torch
+
+    resolved = {
+        "loss_options": dict(run.criterion.options),
+        "optimizer_options": {**(config.optimizer_options or {}), **run.spec.options},
+        "schedule_options": {**(config.schedule_options or {}), **run.spec.schedule_options},
+    }
+    return {
+        **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+        **resolved,
+        "num_classes": run.num_classes,
+        "weights": None if config.weights is None else str(config.weights),
+        "data": run.data,
+        "device": f"jax {jax.default_backend()} / torch {run.device.type}",
+        "matmul_precision": "float32 (jax_default_matmul_precision; torch TF32 off)",
+        "versions": {
+            "jax": jax.__version__,
+            "torch": torch.__version__,
+            "optax": optax.__version__,
+            "python": platform.python_version(),
+        },
+    }

@@ -1,0 +1,232 @@
+"""The three runs a validation compares: jaxnet (float32) and PyTorch in float32 and float64,
+each built from the same resolved optimizer spec and criterion, and the float32 arithmetic
+they run under."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from jaxnet import step
+from jaxnet.convert import nhwc_to_nchw, params_from_torch, params_to_torch
+from jaxnet.criteria import Criterion
+from jaxnet.errors import ConfigError
+from jaxnet.model import Net
+from jaxnet.optim import OptimizerSpec
+
+__all__ = ["JaxRun", "TorchRun", "float32_arithmetic", "pick_device", "torch_threads"]
+
+_TORCH_OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}
+"""jaxnet's optimizer names -> ``torch.optim``'s classes."""
+_TORCH_SCHEDULERS = {
+    "step_lr": "StepLR",
+    "multi_step_lr": "MultiStepLR",
+    "exponential_lr": "ExponentialLR",
+    "cosine_annealing_lr": "CosineAnnealingLR",
+    "linear_lr": "LinearLR",
+    "one_cycle_lr": "OneCycleLR",
+}
+"""jaxnet's schedule names -> ``torch.optim.lr_scheduler``'s classes."""
+
+
+# ---------------------------------------------------------------------------------------------
+# jaxnet
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _net(num_classes: int) -> Net:
+    """One ``Net`` per class count: ``net.apply`` of the same instance is the same static
+    argument, so every run with this class count and criterion shares one compile."""
+    return Net(num_classes=num_classes)
+
+
+# Module level and keyed on hashable statics: the expensive compile (the convolutions'
+# backward) happens once per (class count, criterion), not once per run.
+_compute_grads = jax.jit(step.compute_grads, static_argnames=("apply_fn", "criterion"))
+
+
+class JaxRun:
+    """The jaxnet run: ``jaxnet.step.compute_grads`` then ``apply_gradients``, as in training;
+    ``tx`` is ``jaxnet.optim.transform`` of the spec the PyTorch runs are built from."""
+
+    def __init__(
+        self, params: Any, num_classes: int, tx: optax.GradientTransformation, crit: Criterion
+    ) -> None:
+        self.apply_fn = _net(num_classes).apply
+        self.criterion = crit
+        self.state = step.TrainState.create(apply_fn=self.apply_fn, params=params, tx=tx)
+        # Per run: the optimizer is part of the state, so each run compiles its own update.
+        self._apply = jax.jit(step.apply_gradients)
+
+    def step(self, images: np.ndarray, labels: np.ndarray) -> tuple[Any, Any, Any]:
+        """One step; ``(loss, logits, grads)`` at the parameters before it."""
+        grads, loss, logits = _compute_grads(
+            self.state.params, self.apply_fn, (images, labels.astype(np.int32)), self.criterion
+        )
+        self.state = self._apply(self.state, grads)
+        return loss, logits, grads
+
+    def record(self, loss: Any, logits: Any, grads: Any) -> dict[str, Any]:
+        """What the comparison reads, in torch's layout."""
+        return {
+            "loss": float(loss),
+            "outputs": np.asarray(logits),
+            "grads": params_to_torch(grads, as_numpy=True),
+            "params": params_to_torch(self.state.params, as_numpy=True),
+        }
+
+
+def jax_params(net: Any) -> Any:
+    """jaxnet's parameters equal to the torch ``net``'s."""
+    return params_from_torch({k: v.cpu() for k, v in net.state_dict().items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_optimizer(net: Any, spec: OptimizerSpec) -> Any:
+    """``torch.optim.<class>(net.parameters(), **spec.options)``: jaxnet's very arguments."""
+    import torch
+
+    options = dict(spec.options)
+    if isinstance(options.get("betas"), list):
+        options["betas"] = tuple(options["betas"])
+    cls = getattr(torch.optim, _TORCH_OPTIMIZERS[spec.name])
+    dtype = next(net.parameters()).dtype
+    if dtype == torch.float64 and not ({"fused", "foreach"} & set(options)):
+        # The float64 reference may use torch's fused/foreach kernels: the same algorithm,
+        # faster on 6.46 M parameters; their float64 rounding (~1e-16) is invisible next to
+        # float32's noise floor (~1e-7 and up). The float32 run keeps the default.
+        for fast in ({"fused": True}, {"foreach": True}):
+            try:
+                return cls(net.parameters(), **options, **fast)
+            except (RuntimeError, TypeError, ValueError):
+                continue
+    return cls(net.parameters(), **options)
+
+
+class TorchRun:
+    """One PyTorch run: net, optimizer and scheduler, in the net's dtype."""
+
+    def __init__(self, net: Any, spec: OptimizerSpec, crit: Criterion) -> None:
+        import torch
+
+        self.net = net
+        self.dtype = next(net.parameters()).dtype
+        self.device = next(net.parameters()).device
+        self.opt = _torch_optimizer(net, spec)
+        self.sched = None
+        if spec.schedule is not None:
+            cls = getattr(torch.optim.lr_scheduler, _TORCH_SCHEDULERS[spec.schedule])
+            self.sched = cls(self.opt, **spec.schedule_options)
+        self.every = spec.schedule_every  # 1 for OneCycleLR: torch steps it every batch
+        self.criterion = crit
+        self.count = 0
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {k: p.detach().cpu().numpy() for k, p in self.net.named_parameters()}
+
+    def apply(self, grads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One optimizer step with the given gradients (torch layout); the new parameters."""
+        import torch
+
+        for k, p in self.net.named_parameters():
+            p.grad = torch.from_numpy(np.asarray(grads[k])).to(self.device, self.dtype)
+        self.opt.step()
+        return self.params()
+
+    def step(self, images_nhwc: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+        """``zero_grad(); loss.backward(); opt.step(); sched.step()``; what it computed."""
+        import torch
+
+        x = torch.from_numpy(nhwc_to_nchw(images_nhwc).copy()).to(self.device, self.dtype)
+        y = torch.from_numpy(np.asarray(labels, np.int64)).to(self.device)
+        lr = float(self.opt.param_groups[0]["lr"])
+        self.opt.zero_grad(set_to_none=True)
+        out = self.net(x)
+        loss = self.criterion.torch(out, y)
+        loss.backward()
+        # With zero_grad(set_to_none=True) each step's grads are fresh tensors: no copy needed.
+        grads = {k: p.grad.detach().cpu().numpy() for k, p in self.net.named_parameters()}
+        self.opt.step()
+        self.count += 1
+        if self.sched is not None and self.count % self.every == 0:
+            self.sched.step()
+        return {
+            "lr": lr,
+            "loss": float(loss.item()),
+            "outputs": out.detach().cpu().numpy(),
+            "grads": grads,
+            "params": self.params(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Where and how the runs compute
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count for the run (restored after); ``None`` leaves it."""
+    import torch
+
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise ConfigError(f"torch_threads must be positive, got {n}.")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@contextlib.contextmanager
+def float32_arithmetic(torch_device: Any) -> Iterator[None]:
+    """float32 matmuls and convolutions in both frameworks, on GPU too.
+
+    On GPUs JAX may use TF32/bf16 passes for float32 dots and convolutions unless
+    ``jax_default_matmul_precision`` says "float32"; torch uses TF32 for cuDNN convolutions by
+    default (and for matmuls when allowed). Both are set here for the run and restored after.
+    """
+    import torch
+
+    with jax.default_matmul_precision("float32"):
+        if getattr(torch_device, "type", str(torch_device)) != "cuda":
+            yield
+            return
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def pick_device(device: str) -> Any:
+    """The torch device ``device`` names (``"auto"``: CUDA when JAX runs on a GPU, else CPU)."""
+    import torch
+
+    if device == "auto":
+        on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm") and torch.cuda.is_available()
+        device = "cuda" if on_gpu else "cpu"
+    try:
+        picked = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"unknown device {device!r} ({e}); use 'auto', 'cpu' or 'cuda'.") from e
+    if picked.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: this torch has no CUDA; use 'auto' or 'cpu'.")
+    return picked

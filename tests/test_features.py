@@ -1,0 +1,44 @@
+"""jaxnet.features: the conv layers' activations of a trained run, and their PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from conftest import SMALL
+
+from jaxnet.data import load_data
+from jaxnet.errors import ConfigError
+from jaxnet.features import conv_activations, draw_features
+from jaxnet.workdir import load_params
+
+
+def test_activations_are_the_conv_layers_after_relu(reference_run):
+    workdir, _ = reference_run
+    params, _, _ = load_params(workdir)
+    x = load_data(limit=SMALL.limit).x_val[3:4]
+    acts = conv_activations(params, x)
+    assert acts["conv1"].shape == (1, 30, 30, 6) and acts["conv2"].shape == (1, 28, 28, 16)
+    conv = {"kernel_size": (3, 3), "padding": "VALID"}
+    c1 = jax.nn.relu(nn.Conv(6, **conv).apply({"params": params["conv1"]}, x))
+    c2 = jax.nn.relu(nn.Conv(16, **conv).apply({"params": params["conv2"]}, c1))
+    np.testing.assert_allclose(acts["conv1"], c1, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(acts["conv2"], c2, rtol=1e-5, atol=1e-5)
+    # After the ReLU: none negative, some exactly 0.
+    for a in acts.values():
+        assert float(np.min(a)) == 0.0
+
+
+def test_draw_features_writes_a_png(reference_run, tmp_path: Path):
+    workdir, _ = reference_run
+    out = draw_features(workdir, tmp_path / "f.png", index=3)
+    assert out == tmp_path / "f.png"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    train = draw_features(workdir, tmp_path / "t.png", which="last", split="train", index=0)
+    assert train.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match=r"--index must lie in \[0, 32\) for the val split"):
+        draw_features(workdir, tmp_path / "x.png", index=32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "t.png"]
