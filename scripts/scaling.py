@@ -36,6 +36,8 @@ def _child(args: argparse.Namespace) -> dict:
 
     from jaxnet import Net, create_train_state, losses, optim, train_step
     from jaxnet import parallel as par
+    from jaxnet.examples.data_parallel import synthetic_dataset
+    from jaxnet.model import init_params
 
     devices = jax.devices()
     if len(devices) < args.n:
@@ -45,10 +47,10 @@ def _child(args: argparse.Namespace) -> dict:
     par.check_batch_size(batch_size, mesh)
     net = Net()
     state = create_train_state(
-        jax.random.key(0), net, optim.sgd(0.01, 0.9), par.init_params(net, jax.random.key(0))
+        jax.random.key(0), net, optim.sgd(0.01, 0.9), init_params(net, jax.random.key(0))
     )
     state = par.replicate(state, mesh)
-    batch = par.shard_batch(par.synthetic_dataset(batch_size), mesh)
+    batch = par.shard_batch(synthetic_dataset(batch_size), mesh)
     for _ in range(args.warmup):
         state, _ = train_step(state, batch, losses.cross_entropy)
     jax.block_until_ready(state)
@@ -75,7 +77,7 @@ def _torch(global_batch: int, steps: int, warmup: int, repeats: int) -> dict:
     import torch
 
     from jaxnet.convert import nhwc_to_nchw
-    from jaxnet.parallel import synthetic_dataset
+    from jaxnet.examples.data_parallel import synthetic_dataset
     from jaxnet.torch_reference import make_torch_net
 
     net = make_torch_net(0)
