@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["IMAGE_SIZE", "IN_CHANNELS", "check_nhwc_images"]
@@ -47,7 +48,7 @@ def check_nhwc_images(x: Any) -> None:
                 "jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))."
             )
         raise ValueError(f"Net expects NHWC images of shape (N, 32, 32, 1), got {shape}.")
-    if not np.issubdtype(dtype, np.floating):
+    if not jnp.issubdtype(dtype, jnp.floating):  # numpy does not count bfloat16 as floating
         raise TypeError(
             f"Net expects floating-point images, got dtype {dtype}. Convert first, e.g. "
             "x.astype(jnp.float32) / 255.0 for uint8 pixels."

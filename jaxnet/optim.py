@@ -478,7 +478,11 @@ def resolve(
     total = sched.get("total_steps")
     if total is None and "epochs" in sched and "steps_per_epoch" in sched:
         total = sched["epochs"] * sched["steps_per_epoch"]
-    if run_steps is not None and total is not None and total < run_steps:
+    if total is None:
+        raise ConfigError(
+            "one_cycle_lr needs its length: total_steps=N, or epochs=E and steps_per_epoch=S."
+        )
+    if run_steps is not None and total < run_steps:
         raise ConfigError(
             f"one_cycle_lr has total_steps={total} but the run takes {run_steps} steps; torch "
             "refuses to step past total_steps: raise total_steps or shorten the run."

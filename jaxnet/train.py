@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
 import math
 import os
 import signal
@@ -340,6 +342,21 @@ class _Run:
         self.last_saved = step
 
 
+@functools.cache
+def _net(num_classes: int, weight_init: str) -> Net:
+    """One ``Net`` per configuration in a process: the jitted steps key their compiled code on
+    the state's ``apply_fn``, and bound methods of two equal ``Net``s compare unequal."""
+    return Net(num_classes=num_classes, weight_init=weight_init)  # type: ignore[arg-type]
+
+
+@functools.cache
+def _transform(spec_json: str) -> Any:
+    """One optax transform per resolved optimizer spec in a process, for the same reason: a
+    fresh transform is a fresh set of closures, and the steps would compile again."""
+    spec = optim.OptimizerSpec(**json.loads(spec_json))
+    return optim.transform(spec)
+
+
 def _setup(config: TrainConfig, workdir: Path, mesh: Mesh) -> _Run:
     """Check the config and load the data (nothing written yet); the state is abstract."""
     check_train_config(config)
@@ -358,15 +375,16 @@ def _setup(config: TrainConfig, workdir: Path, mesh: Mesh) -> _Run:
         config.limit,
     )
     steps_per_epoch = data.num_batches(len(ds.x_train), config.batch_size)
-    net = Net(num_classes=ds.num_classes, weight_init=config.weight_init)  # type: ignore[arg-type]
-    tx = optim.build(
+    net = _net(ds.num_classes, config.weight_init)
+    spec = optim.resolve(
         config.optimizer,
         {"lr": config.lr, **(config.optimizer_kwargs or {})},
         config.schedule,
         config.schedule_kwargs,
-        steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
         epochs=config.epochs,
     )
+    tx = _transform(json.dumps(dataclasses.asdict(spec), sort_keys=True, default=repr))
     sharded = mesh.devices.size > 1
     console.print(
         f"mesh: {parallel.describe_mesh(mesh)}"
@@ -399,7 +417,7 @@ def _setup(config: TrainConfig, workdir: Path, mesh: Mesh) -> _Run:
 
 def _fresh_state(run: _Run, mesh: Mesh) -> None:
     key = jax.random.key(run.config.seed)
-    net = Net(num_classes=run.ds.num_classes, weight_init=run.config.weight_init)  # type: ignore[arg-type]
+    net = _net(run.ds.num_classes, run.config.weight_init)
     run.state = create_train_state(key, net, run.state.tx, params=init_params(net, key))
     if run.mesh is not None:  # every process made the same values from the same key
         run.state = parallel.replicate(run.state, mesh)
