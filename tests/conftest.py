@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import jaxnet
+import jaxnet.train
 from jaxnet.criteria import CRITERIA as _REGISTRY
 from jaxnet.model import init_params
 from jaxnet.train import TrainConfig, train_and_evaluate
@@ -177,3 +178,16 @@ def _background_jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         pool.shutdown(wait=True)
+
+
+def signal_after_step(monkeypatch, sig: signal.Signals, at_step: int) -> None:
+    """Make the training loop raise a real ``sig`` in this process right after step ``at_step``."""
+    real_step = jaxnet.train.train_step
+
+    def step_then_signal(state, batch, criterion):
+        new_state, metrics = real_step(state, batch, criterion)
+        if int(new_state.step) == at_step:
+            os.kill(os.getpid(), sig)
+        return new_state, metrics
+
+    monkeypatch.setattr(jaxnet.train, "train_step", step_then_signal)

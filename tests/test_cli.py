@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -17,12 +16,11 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
-from conftest import SMALL
+from conftest import SMALL, signal_after_step
 
 import jaxnet
 import jaxnet.host
 import jaxnet.train
-import jaxnet.train as train_mod
 import jaxnet.validation
 from jaxnet import cli
 from jaxnet.checkpoint import CheckpointError, Checkpoints
@@ -554,21 +552,8 @@ def test_cli_features_writes_the_png(reference_run, tmp_path: Path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _signal_after_step(monkeypatch, sig: signal.Signals, at_step: int) -> None:
-    """Make the training loop raise a real ``sig`` in this process right after step ``at_step``."""
-    real_step = train_mod.train_step
-
-    def step_then_signal(state, batch, criterion):
-        new_state, metrics = real_step(state, batch, criterion)
-        if int(new_state.step) == at_step:
-            os.kill(os.getpid(), sig)
-        return new_state, metrics
-
-    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
-
-
 def test_sigint_saves_and_exits_cleanly(tmp_path: Path, monkeypatch, capsys):
-    _signal_after_step(monkeypatch, signal.SIGINT, at_step=5)
+    signal_after_step(monkeypatch, signal.SIGINT, at_step=5)
     argv = [
         "train",
         "--workdir",

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import SMALL, small
+from conftest import SMALL, signal_after_step, small
 from flax import serialization
 
 import jaxnet.train as train_mod
@@ -150,24 +150,11 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(reference_run, tmp_path: P
     assert without_seconds(resumed.history) == without_seconds(reference.history)
 
 
-def _signal_after_step(monkeypatch, sig: signal.Signals, at_step: int) -> None:
-    """Make the training loop raise a real ``sig`` in this process right after step ``at_step``."""
-    real_step = train_mod.train_step
-
-    def step_then_signal(state, batch, criterion):
-        new_state, metrics = real_step(state, batch, criterion)
-        if int(new_state.step) == at_step:
-            os.kill(os.getpid(), sig)
-        return new_state, metrics
-
-    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
-
-
 def test_sigterm_mid_epoch_saves_and_resumes_identically(reference_run, tmp_path, monkeypatch):
     """A real SIGTERM, raised at step 11 (epoch 2, batch 3): the run saves a mid-epoch
     checkpoint and returns; resuming from it gives the reference run's bits and metrics."""
     _, reference = reference_run
-    _signal_after_step(monkeypatch, signal.SIGTERM, at_step=11)
+    signal_after_step(monkeypatch, signal.SIGTERM, at_step=11)
     stopped = train_and_evaluate(SMALL, tmp_path)
     monkeypatch.undo()
     assert stopped.status == "interrupted" and stopped.signal == "SIGTERM"
