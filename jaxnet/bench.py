@@ -33,13 +33,16 @@ comparable across machines.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 import os
+import signal
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,7 @@ __all__ = [
     "FC1_TRAIN_FLOPS_PER_SAMPLE",
     "net_flops",
     "run_bench",
+    "time_limit",
     "write_json",
 ]
 
@@ -83,6 +87,10 @@ class BenchConfig:
     momentum: float = 0.9
     seed: int = 0
     variants: tuple[str, ...] = field(default=())  # empty: all available
+    # A variant whose first call (compilation included) runs longer is dropped, for this and
+    # every later batch size, with the reason in the results' "skipped" (None: no cap).
+    first_call_cap_s: float | None = None
+    peak_size: int | None = None  # matmul_peak_gflops' n (None: 2048 on CPU, 8192 on GPU)
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
@@ -91,6 +99,8 @@ class BenchConfig:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}.")
         if self.reps < 1 or self.warmup < 0 or self.scan_steps < 1:
             raise ValueError("reps and scan_steps must be >= 1 and warmup >= 0.")
+        if self.first_call_cap_s is not None and not self.first_call_cap_s > 0:
+            raise ValueError(f"first_call_cap_s must be positive, got {self.first_call_cap_s}.")
 
 
 FC1_TRAIN_FLOPS_PER_SAMPLE = 3 * 2 * 12544 * 512  # forward, input and kernel gradient
@@ -119,6 +129,45 @@ def net_flops(batch_size: int, num_classes: int = 2, train: bool = True) -> int:
 
 def _on_gpu() -> bool:
     return jax.default_backend() != "cpu"
+
+
+class FirstCallTimeout(Exception):
+    """A variant's first call ran past ``BenchConfig.first_call_cap_s``."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, error: Callable[[str], BaseException]) -> Iterator[None]:
+    """Raise ``error(message)`` in the block if it runs longer than ``seconds``.
+
+    A ``SIGALRM`` timer, so it interrupts Python code (``torch.compile``'s tracing and code
+    generation) but not one long C call (an XLA compilation), which it interrupts when the
+    call returns. No limit where there is none to set: ``seconds`` None, off the main thread,
+    or without ``SIGALRM`` (Windows). Nested limits: the outer one keeps its own deadline
+    (an inner limit that would end later than it changes nothing).
+    """
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if seconds is None or not usable:
+        yield
+        return
+    start = time.monotonic()
+    outer_left, _ = signal.getitimer(signal.ITIMER_REAL)
+    if 0 < outer_left <= seconds:
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise error(f"ran past its limit of {seconds:g} s")
+
+    old_handler = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if outer_left > 0:  # give the outer limit back what is left of it
+            left = outer_left - (time.monotonic() - start)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3))
 
 
 def matmul_peak_gflops(n: int | None = None, reps: int = 7) -> float:
@@ -343,31 +392,90 @@ def _torch_variants(
     return out
 
 
-def _first_calls(v: _Variant, warmup: int, log: Callable[[str], None]) -> float | None:
+def _first_calls(v: _Variant, cfg: BenchConfig, log: Callable[[str], None]) -> float | str:
     """Time the first call (compilation included), run the warm-up, measure memory.
-    Returns the warm-up's seconds per call, or None if the variant fails (then it is dropped,
-    with the reason printed)."""
+    Returns the warm-up's seconds per call, or why the variant is skipped (it failed, e.g.
+    ``torch.compile`` without a working compiler, or its first call ran past the cap)."""
     try:
         with _Memory(v.framework) as mem:
             t = time.perf_counter()
-            v.sync(v.run())
+            with time_limit(cfg.first_call_cap_s, FirstCallTimeout):
+                v.sync(v.run())
             v.compile_s = time.perf_counter() - t
             t = time.perf_counter()
-            for _ in range(max(warmup, 1)):
+            for _ in range(max(cfg.warmup, 1)):
                 v.sync(v.run())
-            per_call = (time.perf_counter() - t) / max(warmup, 1)
+            per_call = (time.perf_counter() - t) / max(cfg.warmup, 1)
         v.peak_mb = mem.peak_mb()
         if v.xla_memory is not None:
             v.xla_mb = v.xla_memory()
-    except Exception as e:  # report and skip: e.g. torch.compile without a working compiler
+    except Exception as e:
+        timeout = _timeout_in(e)
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        log(f"  skipping {v.name}: {type(e).__name__}: {first}")
-        return None
+        reason = f"first call {timeout}" if timeout else f"{type(e).__name__}: {first}"
+        log(f"  skipping {v.name}: {reason}")
+        return reason
     return per_call
 
 
+def _timeout_in(e: BaseException | None) -> FirstCallTimeout | None:
+    """The ``FirstCallTimeout`` behind ``e``, if any (``torch.compile`` wraps exceptions)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, FirstCallTimeout):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _ready_variants(
+    cfg: BenchConfig, variants: list[_Variant], dropped: dict[str, str], log: Callable[[str], None]
+) -> tuple[list[_Variant], dict[str, str]]:
+    """First calls and warm-up of each variant; those that fail or run past the first-call cap
+    are skipped (capped ones for later batch sizes too, through ``dropped``)."""
+    kept, skipped = [], {}
+    for v in variants:
+        if v.name in dropped:
+            skipped[v.name] = dropped[v.name]
+            continue
+        per_call = _first_calls(v, cfg, log)
+        if isinstance(per_call, str):
+            skipped[v.name] = per_call
+            if per_call.startswith("first call ran past"):
+                dropped[v.name] = f"{per_call} at an earlier batch size"
+            continue
+        v.calls_per_rep = max(1, math.ceil(cfg.min_rep_s / max(per_call, 1e-9)))
+        kept.append(v)
+    return kept, skipped
+
+
+def _variant_result(v: _Variant, batch_size: int) -> dict[str, Any]:
+    step_s = statistics.median(v.times)
+    f = net_flops(batch_size, train=not v.name.endswith("_eval"))
+    if v.name == "jax_fc1_matmuls":
+        f = FC1_TRAIN_FLOPS_PER_SAMPLE * batch_size
+    return {
+        "median_step_s": step_s,
+        "min_step_s": min(v.times),
+        "steps_per_s": 1.0 / step_s,
+        "samples_per_s": batch_size / step_s,
+        "gflops_per_s": f / step_s / 1e9,
+        "first_call_s": v.compile_s,
+        "peak_mb": v.peak_mb,  # process RSS growth (CPU) / allocator peak (GPU)
+        "xla_buffers_mb": v.xla_mb,  # jax only: XLA's buffer assignment for one call
+        "reps": len(v.times),
+        "steps_per_rep": v.calls_per_rep * v.steps_per_call,
+    }
+
+
 def _bench_batch(
-    cfg: BenchConfig, batch_size: int, params: Any, state_dict: Any, log: Callable[[str], None]
+    cfg: BenchConfig,
+    batch_size: int,
+    params: Any,
+    state_dict: Any,
+    log: Callable[[str], None],
+    dropped: dict[str, str],
 ) -> dict[str, Any]:
     rng = np.random.default_rng(cfg.seed + batch_size)
     x = rng.standard_normal((batch_size, 32, 32, 1), dtype=np.float32)
@@ -377,13 +485,7 @@ def _bench_batch(
         variants += _torch_variants(cfg, state_dict, x, y, log)
     if cfg.variants:
         variants = [v for v in variants if v.name in cfg.variants]
-    kept = []
-    for v in variants:
-        per_call = _first_calls(v, cfg.warmup, log)
-        if per_call is not None:
-            v.calls_per_rep = max(1, math.ceil(cfg.min_rep_s / max(per_call, 1e-9)))
-            kept.append(v)
-    variants = kept
+    variants, skipped = _ready_variants(cfg, variants, dropped, log)
     for _ in range(cfg.reps):  # interleaved: noise from other processes hits all variants
         for v in variants:
             t = time.perf_counter()
@@ -391,32 +493,32 @@ def _bench_batch(
                 out = v.run()
             v.sync(out)
             v.times.append((time.perf_counter() - t) / (v.calls_per_rep * v.steps_per_call))
-    flops = net_flops(batch_size)
-    eval_flops = net_flops(batch_size, train=False)
-    result: dict[str, Any] = {"batch_size": batch_size, "variants": {}}
-    for v in variants:
-        step_s = statistics.median(v.times)
-        f = eval_flops if v.name.endswith("_eval") else flops
-        if v.name == "jax_fc1_matmuls":
-            f = FC1_TRAIN_FLOPS_PER_SAMPLE * batch_size
-        result["variants"][v.name] = {
-            "median_step_s": step_s,
-            "min_step_s": min(v.times),
-            "steps_per_s": 1.0 / step_s,
-            "samples_per_s": batch_size / step_s,
-            "gflops_per_s": f / step_s / 1e9,
-            "first_call_s": v.compile_s,
-            "peak_mb": v.peak_mb,  # process RSS growth (CPU) / allocator peak (GPU)
-            "xla_buffers_mb": v.xla_mb,  # jax only: XLA's buffer assignment for one call
-            "reps": len(v.times),
-            "steps_per_rep": v.calls_per_rep * v.steps_per_call,
-        }
-    return result
+    return {
+        "batch_size": batch_size,
+        "variants": {v.name: _variant_result(v, batch_size) for v in variants},
+        "skipped": skipped,
+    }
 
 
-def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the benchmark; returns a JSON-able dict (``machine``, ``config``, ``batches``)."""
+def run_bench(
+    cfg: BenchConfig,
+    log: Callable[[str], None] = print,
+    on_batch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns a JSON-able dict (``machine``, ``config``, ``batches``).
 
+    ``on_batch(results_so_far)`` is called after each batch size (to save partial results).
+    A float32 run computes at full float32 precision on both sides (no TF32 on a GPU: JAX's
+    ``jax_default_matmul_precision`` "highest", torch's ``allow_tf32`` off).
+    """
+    precision = "highest" if cfg.dtype == "float32" else None
+    with jax.default_matmul_precision(precision):
+        return _run_bench(cfg, log, on_batch)
+
+
+def _run_bench(
+    cfg: BenchConfig, log: Callable[[str], None], on_batch: Callable[[dict[str, Any]], None] | None
+) -> dict[str, Any]:
     torch_ok = cfg.torch
     state_dict: Any = None
     if cfg.torch:
@@ -433,7 +535,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
     else:
         params = init_params(Net(), jax.random.key(cfg.seed))
     cfg_used = BenchConfig(**{**asdict(cfg), "torch": torch_ok})
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(cfg.peak_size)
     machine = {
         "jax_backend": jax.default_backend(),
         "jax_device": str(jax.devices()[0].device_kind),
@@ -448,14 +550,17 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
             torch_threads=torch.get_num_threads(),
         )
     log(f"float32 matmul peak (jnp, same run): {peak:.1f} GFLOP/s on {machine['jax_device']}")
-    batches = []
+    results: dict[str, Any] = {"machine": machine, "config": asdict(cfg_used), "batches": []}
+    dropped: dict[str, str] = {}  # variants whose first call ran past the cap
     for b in cfg.batch_sizes:
         log(f"batch {b} ...")
-        r = _bench_batch(cfg_used, int(b), params, state_dict, log)
+        r = _bench_batch(cfg_used, int(b), params, state_dict, log, dropped)
         for v in r["variants"].values():
             v["fraction_of_peak"] = v["gflops_per_s"] / peak
-        batches.append(r)
-    return {"machine": machine, "config": asdict(cfg_used), "batches": batches}
+        results["batches"].append(r)
+        if on_batch is not None:
+            on_batch(results)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------

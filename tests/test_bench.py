@@ -5,6 +5,9 @@ Speed itself is never asserted: ``jaxnet bench`` measures it.
 
 from __future__ import annotations
 
+import signal
+import time
+
 import pytest
 
 from jaxnet import bench
@@ -29,18 +32,22 @@ def test_batch_size_parsing():
 
 
 @pytest.mark.slow
-def test_bench_runs_every_variant_and_writes_json(tmp_path, monkeypatch):
-    import functools
+def test_bench_runs_every_variant_and_writes_json(tmp_path):
     import json
 
-    # A smaller matmul for the peak (2048 x 2048, 8 times, by default): still measured.
-    small_peak = functools.partial(bench.matmul_peak_gflops, n=512, reps=2)
-    monkeypatch.setattr(bench, "matmul_peak_gflops", small_peak)
-    # The smallest run that still times every variant once.
+    # The smallest run that still times every variant once; a 512 x 512 matmul for the peak.
     cfg = bench.BenchConfig(
-        batch_sizes=(2,), reps=1, warmup=0, min_rep_s=0, scan_steps=2, torch_compile=False
+        batch_sizes=(2,),
+        reps=1,
+        warmup=0,
+        min_rep_s=0,
+        scan_steps=2,
+        torch_compile=False,
+        peak_size=512,
     )
-    results = bench.run_bench(cfg, log=lambda line: None)
+    partial = []
+    results = bench.run_bench(cfg, log=lambda line: None, on_batch=partial.append)
+    assert partial == [results]  # called after each batch size with the results so far
     assert results["machine"]["matmul_peak_gflops"] > 0
     (batch,) = results["batches"]
     assert set(batch["variants"]) == {
@@ -61,3 +68,56 @@ def test_bench_runs_every_variant_and_writes_json(tmp_path, monkeypatch):
     bench.write_json(results, path)
     assert json.loads(path.read_text()) == json.loads(json.dumps(results))
     assert [p.name for p in path.parent.iterdir()] == ["bench.json"]  # no temporary left
+
+
+def _busy(seconds: float) -> None:
+    """Python code that runs ``seconds`` (a signal handler can interrupt it)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_time_limit_interrupts_python_code_and_leaves_no_timer():
+    with pytest.raises(TimeoutError, match=r"limit of 0\.05 s"):
+        with bench.time_limit(0.05, TimeoutError):
+            _busy(5)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    with bench.time_limit(5, TimeoutError):  # a block that ends in time: nothing raised
+        _busy(0.01)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_time_limit_nested_keeps_the_outer_deadline():
+    class Outer(BaseException):
+        pass
+
+    t = time.monotonic()
+    with pytest.raises(Outer):
+        with bench.time_limit(0.3, Outer):
+            with pytest.raises(TimeoutError):
+                with bench.time_limit(0.05, TimeoutError):  # ends first
+                    _busy(5)
+            _busy(5)  # the outer limit, re-armed with what was left of it, still ends this
+    with pytest.raises(Outer):
+        with bench.time_limit(0.1, Outer):
+            with bench.time_limit(10, TimeoutError):  # would end later: the outer one fires
+                _busy(5)
+    assert time.monotonic() - t < 2
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_first_call_past_the_cap_is_skipped_with_the_reason():
+    cfg = bench.BenchConfig(first_call_cap_s=0.05, warmup=0)
+    slow = bench._Variant("slow", "jax", lambda: _busy(5), lambda out: None)
+    assert bench._first_calls(slow, cfg, log=lambda line: None) == (
+        "first call ran past its limit of 0.05 s"
+    )
+    fast = bench._Variant("fast", "jax", lambda: None, lambda out: None)
+    dropped: dict[str, str] = {}
+    kept, skipped = bench._ready_variants(cfg, [slow, fast], dropped, log=lambda line: None)
+    assert [v.name for v in kept] == ["fast"] and set(skipped) == {"slow"}
+    assert "earlier batch size" in dropped["slow"]  # and later batch sizes skip it unrun
+    kept, skipped = bench._ready_variants(cfg, [slow], dropped, log=lambda line: None)
+    assert kept == [] and skipped == {"slow": dropped["slow"]}
+    with pytest.raises(ValueError, match="first_call_cap_s"):
+        bench.BenchConfig(first_call_cap_s=0)

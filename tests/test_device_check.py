@@ -1,0 +1,54 @@
+"""scripts/device_check.py, the GPU check, run reduced on the CPU so that it cannot rot.
+
+Every section must run without error and write what the lead reads off a GPU run: versions,
+the parity table judged against float32's noise floor, validate's verdict, the benchmark's
+per-batch ratios to PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "device_check.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_reduced_run_writes_every_section_without_errors(tmp_path, capsys):
+    device_check = _load_script()
+    assert device_check.main(["--reduced", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["device_check.json", "device_check.log"]
+    doc = json.loads((tmp_path / "device_check.json").read_text())
+    assert doc["reduced"] is True
+    sections = doc["sections"]
+    assert list(sections) == list(device_check.SECTION_CAPS_S)
+    for name, entry in sections.items():
+        assert entry["ok"], (name, entry.get("error"), entry.get("traceback"))
+        assert "error" not in entry and entry["seconds"] > 0
+    env = sections["environment"]["result"]
+    assert env["versions"]["jax"] and env["versions"]["torch"] and env["jax_devices"]
+    parity = sections["parity"]["result"]
+    assert parity["passed"] and parity["worst_ratio"] <= parity["limit"]
+    assert {"outputs[logits]", "loss[loss]", "grads[fc1.weight]", "params[fc1.weight]"} <= set(
+        parity["tensors"]
+    )
+    assert sections["validate"]["result"]["verdict"]["passed"]
+    for dtype in ("float32", "bfloat16"):
+        result = sections[f"bench_{dtype}"]["result"]
+        assert result["config"]["dtype"] == dtype
+        (row,) = result["summary"]
+        assert row["speed_vs_torch_eager"]["jax_step"] > 0 and row["first_call_s"]["jax_step"] > 0
+    log = (tmp_path / "device_check.log").read_text()
+    assert "all sections ok" in log and "== bench_bfloat16" in log
