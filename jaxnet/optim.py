@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxnet import schedules
@@ -22,17 +23,36 @@ from jaxnet.errors import ConfigError
 __all__ = [
     "DEFAULTS",
     "OPTIMIZERS",
+    "TORCH_CLASSES",
     "OptimizerSpec",
+    "PlateauLrState",
+    "PlateauTransformation",
     "ScalarOrSchedule",
+    "ScaleByTorchAdagradState",
+    "ScaleByTorchAdamState",
+    "ScaleByTorchAdamaxState",
+    "ScaleByTorchNAdamState",
+    "adadelta",
+    "adagrad",
     "adam",
+    "adamax",
     "adamw",
     "build",
+    "nadam",
+    "plateau_of",
+    "plateau_step",
+    "radam",
     "resolve",
     "rmsprop",
+    "scale_by_torch_adagrad",
     "scale_by_torch_adam",
+    "scale_by_torch_adamax",
+    "scale_by_torch_nadam",
+    "scale_by_torch_radam",
     "sgd",
     "torch_dampened_momentum",
     "transform",
+    "with_plateau_lr",
 ]
 
 ScalarOrSchedule = float | optax.Schedule
@@ -169,20 +189,23 @@ class ScaleByTorchAdamState(NamedTuple):
     nu_max: Any
 
 
-def _torch_bias_correction(beta: Any, count: jax.Array) -> jax.Array:
-    """``1 - beta**count`` to float32 accuracy of torch's float64 Python-float value.
+def _torch_bias_correction(beta: Any, count: jax.Array, dtype: Any) -> jax.Array:
+    """``1 - beta**count`` in ``dtype`` (the parameters'), as exact as torch's float64 Python
+    float rounded to ``dtype``.
 
     optax computes ``1 - beta**count`` in float32 from ``beta`` rounded to float32: for
     ``beta2 = 0.999`` that is 0.99900001 and ``1 - beta2`` is off by 1.3e-5 relative, which
     moves every early Adam update by ~6e-6 relative, far above float32 round-off. Here
     ``log(beta)`` is taken in float64 (Python) for constant betas and the power is formed as
-    ``-expm1(count * log(beta))``, which loses nothing to cancellation.
+    ``-expm1(count * log(beta))`` in ``dtype``, which loses nothing to cancellation: in float64
+    it agrees with torch's ``1 - beta**step`` to a few ulps.
     """
+    t = count.astype(dtype)
     if isinstance(beta, int | float):
         log_beta = math.log(beta) if beta > 0 else -math.inf
-        return -jnp.expm1(count.astype(jnp.float32) * jnp.float32(log_beta))
-    beta = jnp.asarray(beta, jnp.float32)  # a scheduled beta1 (OneCycleLR) is float32 already
-    return 1.0 - beta ** count.astype(jnp.float32)
+        return -jnp.expm1(t * jnp.asarray(log_beta, dtype))
+    # A scheduled beta1 (OneCycleLR), injected in the parameters' dtype.
+    return 1.0 - jnp.asarray(beta, dtype) ** t
 
 
 def scale_by_torch_adam(
@@ -222,13 +245,13 @@ def scale_by_torch_adam(
         nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
         count = optax.safe_increment(state.count)
         nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu) if amsgrad else None
-        bc1 = _torch_bias_correction(b1, count)
-        bc2_sqrt = jnp.sqrt(_torch_bias_correction(b2, count))
-        out = jax.tree.map(
-            lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v) / bc2_sqrt.astype(v.dtype) + eps),
-            mu,
-            nu_max if amsgrad else nu,
-        )
+
+        def direction(m: jax.Array, v: jax.Array) -> jax.Array:
+            bc1 = _torch_bias_correction(b1, count, m.dtype)
+            bc2_sqrt = jnp.sqrt(_torch_bias_correction(b2, count, m.dtype))
+            return (m / bc1) / (jnp.sqrt(v) / bc2_sqrt + eps)
+
+        out = jax.tree.map(direction, mu, nu_max if amsgrad else nu)
         return out, ScaleByTorchAdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -352,13 +375,418 @@ def rmsprop(
     return optax.chain(*parts)
 
 
+def _torch_chain(
+    direction: optax.GradientTransformation,
+    lr: ScalarOrSchedule,
+    weight_decay: float,
+    maximize: bool,
+    decoupled_weight_decay: bool = False,
+) -> optax.GradientTransformation:
+    """torch's order around an optimizer's ``direction``: negate (``maximize``), L2 decay
+    ``g + wd * p`` (or, decoupled, ``p *= 1 - lr * wd``, which is ``-lr * (d + wd * p)`` as an
+    update), then ``-lr`` times the result."""
+    parts: list[optax.GradientTransformation] = []
+    if maximize:
+        parts.append(optax.scale(-1.0))
+    if weight_decay != 0 and not decoupled_weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(direction)
+    if weight_decay != 0 and decoupled_weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(optax.scale_by_learning_rate(lr))
+    return optax.chain(*parts)
+
+
+def _check_betas(lr: ScalarOrSchedule, betas: tuple[Any, Any], eps: float, wd: float) -> None:
+    """Adam-family checks, in torch's order and words."""
+    _check_lr(lr)
+    _check_range("epsilon value", eps, 0.0)
+    _check_range("beta parameter at index 0", betas[0], 0.0, 1.0)
+    _check_range("beta parameter at index 1", betas[1], 0.0, 1.0)
+    _check_range("weight_decay value", wd, 0.0)
+    if callable(betas[1]):
+        raise ConfigError("betas[1] cannot be a schedule (torch's OneCycleLR cycles beta1 only).")
+
+
+class ScaleByTorchAdagradState(NamedTuple):
+    """torch.optim.Adagrad's state: ``count`` (torch's ``step``) and ``sum`` (torch's ``sum``,
+    per parameter, starting at ``initial_accumulator_value``)."""
+
+    count: jax.Array
+    sum: Any
+
+
+def scale_by_torch_adagrad(
+    lr_decay: float = 0.0, initial_accumulator_value: float = 0.0, eps: float = 1e-10
+) -> optax.GradientTransformation:
+    """The direction of ``torch.optim.Adagrad``'s step at step ``t`` (from 1)::
+
+        sum = sum + g**2
+        out = g / (sqrt(sum) + eps) / (1 + (t - 1) * lr_decay)
+
+    A custom transform: ``optax.scale_by_rss`` puts ``eps`` inside the square root and has no
+    ``lr_decay``.
+    """
+
+    def init_fn(params: Any) -> ScaleByTorchAdagradState:
+        return ScaleByTorchAdagradState(
+            count=jnp.zeros([], jnp.int32),
+            sum=jax.tree.map(lambda p: jnp.full_like(p, initial_accumulator_value), params),
+        )
+
+    def update_fn(updates: Any, state: ScaleByTorchAdagradState, params: Any = None):
+        del params
+        count = optax.safe_increment(state.count)
+        sums = jax.tree.map(lambda g, s: s + g * g, updates, state.sum)
+
+        def direction(g: jax.Array, s: jax.Array) -> jax.Array:
+            decay = 1.0 + (count - 1).astype(g.dtype) * lr_decay
+            return g / (jnp.sqrt(s) + eps) / decay
+
+        out = jax.tree.map(direction, updates, sums)
+        return out, ScaleByTorchAdagradState(count=count, sum=sums)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adagrad(
+    lr: ScalarOrSchedule = 1e-2,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+    *,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+    """``torch.optim.Adagrad``.
+
+    Per parameter ``p`` with gradient ``g`` at step ``t`` (from 1)::
+
+        g = -g                                  if maximize
+        g = g + weight_decay * p
+        sum = sum + g**2                        (sum starts at initial_accumulator_value)
+        p = p - lr / (1 + (t - 1) * lr_decay) * g / (sqrt(sum) + eps)
+
+    State: ``(ScaleByTorchAdagradState(count, sum), ...)`` inside the chain of
+    ``_torch_chain`` (negate/decay parts only when used, ``ScaleByLearningRate`` last).
+    """
+    _check_lr(lr)
+    _check_range("lr_decay value", lr_decay, 0.0)
+    _check_range("weight_decay value", weight_decay, 0.0)
+    _check_range("initial_accumulator_value value", initial_accumulator_value, 0.0)
+    _check_range("epsilon value", eps, 0.0)
+    direction = scale_by_torch_adagrad(lr_decay, initial_accumulator_value, eps)
+    return _torch_chain(direction, lr, weight_decay, maximize)
+
+
+class ScaleByTorchAdamaxState(NamedTuple):
+    """torch.optim.Adamax's state: ``count`` (``step``), ``mu`` (``exp_avg``) and ``nu``
+    (``exp_inf``), per parameter."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+def scale_by_torch_adamax(
+    b1: Any = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
+    """The direction of ``torch.optim.Adamax``'s step at step ``t`` (from 1)::
+
+        m = b1 * m + (1 - b1) * g
+        u = max(b2 * u, |g| + eps)
+        out = m / u / (1 - b1**t)
+
+    optax's moment updates (``update_moment``, ``update_infinity_moment``); custom only for
+    the bias correction in the parameters' dtype (``_torch_bias_correction``).
+    """
+
+    def init_fn(params: Any) -> ScaleByTorchAdamaxState:
+        zeros = optax.tree.zeros_like
+        return ScaleByTorchAdamaxState(jnp.zeros([], jnp.int32), zeros(params), zeros(params))
+
+    def update_fn(updates: Any, state: ScaleByTorchAdamaxState, params: Any = None):
+        del params
+        count = optax.safe_increment(state.count)
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_infinity_moment(updates, state.nu, b2, eps)
+        out = jax.tree.map(lambda m, u: m / u / _torch_bias_correction(b1, count, m.dtype), mu, nu)
+        return out, ScaleByTorchAdamaxState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamax(
+    lr: ScalarOrSchedule = 2e-3,
+    betas: tuple[ScalarOrSchedule, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+    """``torch.optim.Adamax``.
+
+    Per parameter ``p`` with gradient ``g`` at step ``t`` (from 1)::
+
+        g = -g                                  if maximize
+        g = g + weight_decay * p
+        m = b1 * m + (1 - b1) * g;  u = max(b2 * u, |g| + eps)
+        p = p - lr / (1 - b1**t) * m / u
+
+    ``betas[0]`` may be a schedule (OneCycleLR). State: ``ScaleByTorchAdamaxState``.
+    """
+    _check_betas(lr, betas, eps, weight_decay)
+    direction = _with_schedules(
+        scale_by_torch_adamax, ("b2", "eps"), b1=betas[0], b2=betas[1], eps=eps
+    )
+    return _torch_chain(direction, lr, weight_decay, maximize)
+
+
+class ScaleByTorchNAdamState(NamedTuple):
+    """torch.optim.NAdam's state: ``count`` (``step``), ``mu_product`` (a scalar in the
+    parameters' widest dtype: torch keeps one per parameter, all equal, in torch's default
+    dtype), ``mu`` (``exp_avg``) and ``nu`` (``exp_avg_sq``)."""
+
+    count: jax.Array
+    mu_product: jax.Array
+    mu: Any
+    nu: Any
+
+
+def _nadam_mu(b1: Any, t: jax.Array, momentum_decay: float) -> jax.Array:
+    """NAdam's momentum cache ``b1 * (1 - 0.5 * 0.96**(t * momentum_decay))`` in ``t``'s dtype."""
+    return b1 * (1.0 - 0.5 * jnp.exp(t * momentum_decay * math.log(0.96)))
+
+
+def scale_by_torch_nadam(
+    b1: Any = 0.9, b2: float = 0.999, eps: float = 1e-8, momentum_decay: float = 4e-3
+) -> optax.GradientTransformation:
+    """The direction of ``torch.optim.NAdam``'s step at step ``t`` (from 1)::
+
+        mu_t = b1 * (1 - 0.5 * 0.96**(t * momentum_decay));  prod_t = mu_1 * ... * mu_t
+        m = b1 * m + (1 - b1) * g;  v = b2 * v + (1 - b2) * g**2
+        d = sqrt(v / (1 - b2**t)) + eps
+        out = (1 - mu_t) / (1 - prod_t) * g / d + mu_{t+1} / (1 - prod_t * mu_{t+1}) * m / d
+
+    A custom transform: ``optax.nadam`` has no momentum decay (its ``mu_t`` is ``b1``).
+    """
+
+    def init_fn(params: Any) -> ScaleByTorchNAdamState:
+        dtype = optax.tree.dtype(params, "highest")
+        zeros = optax.tree.zeros_like
+        return ScaleByTorchNAdamState(
+            jnp.zeros([], jnp.int32), jnp.ones([], dtype), zeros(params), zeros(params)
+        )
+
+    def update_fn(updates: Any, state: ScaleByTorchNAdamState, params: Any = None):
+        del params
+        count = optax.safe_increment(state.count)
+        t = count.astype(state.mu_product.dtype)
+        mu_t, mu_next = _nadam_mu(b1, t, momentum_decay), _nadam_mu(b1, t + 1, momentum_decay)
+        prod = state.mu_product * mu_t
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+
+        def direction(g: jax.Array, m: jax.Array, v: jax.Array) -> jax.Array:
+            d = jnp.sqrt(v / _torch_bias_correction(b2, count, v.dtype)) + eps
+            c_g = ((1.0 - mu_t) / (1.0 - prod)).astype(g.dtype)
+            c_m = (mu_next / (1.0 - prod * mu_next)).astype(g.dtype)
+            return c_g * (g / d) + c_m * (m / d)
+
+        out = jax.tree.map(direction, updates, mu, nu)
+        return out, ScaleByTorchNAdamState(count=count, mu_product=prod, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def nadam(
+    lr: ScalarOrSchedule = 2e-3,
+    betas: tuple[ScalarOrSchedule, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum_decay: float = 4e-3,
+    decoupled_weight_decay: bool = False,
+    *,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+    """``torch.optim.NAdam``.
+
+    Per parameter ``p`` with gradient ``g`` at step ``t`` (from 1)::
+
+        g = -g                                  if maximize
+        g = g + weight_decay * p                (L2, unless decoupled_weight_decay)
+        p = p * (1 - lr * weight_decay)         (if decoupled_weight_decay: NAdamW)
+        p = p - lr * out                        (out: see scale_by_torch_nadam)
+
+    ``betas[0]`` may be a schedule (OneCycleLR). State: ``ScaleByTorchNAdamState``.
+    """
+    _check_betas(lr, betas, eps, weight_decay)
+    _check_range("momentum_decay value", momentum_decay, 0.0)
+    direction = _with_schedules(
+        scale_by_torch_nadam,
+        ("b2", "eps", "momentum_decay"),
+        b1=betas[0],
+        b2=betas[1],
+        eps=eps,
+        momentum_decay=momentum_decay,
+    )
+    return _torch_chain(direction, lr, weight_decay, maximize, decoupled_weight_decay)
+
+
+def _one_minus_z_over_expm1(z: jax.Array) -> jax.Array:
+    """``1 - z / expm1(z)`` for ``z > 0`` without cancellation: below 1 as
+    ``z**2 * phi(z) / expm1(z)`` with ``phi(z) = (expm1(z) - z) / z**2`` by its Taylor series;
+    above 1 directly (``z / expm1(z) < 0.59`` there: nothing cancels, and an overflowing
+    ``expm1`` gives 1)."""
+    small, large = jnp.minimum(z, 1.0), jnp.maximum(z, 1.0)
+    phi = jnp.zeros_like(z)
+    for k in reversed(range(18)):  # Horner: the sum of small**k / (k + 2)!
+        phi = phi * small + 1.0 / math.factorial(k + 2)
+    return jnp.where(
+        z < 1.0, small * small * phi / jnp.expm1(small), 1.0 - large / jnp.expm1(large)
+    )
+
+
+def _radam_rho(b2: float, t: jax.Array) -> jax.Array:
+    """RAdam's ``rho_t = rho_inf - 2 t b2**t / (1 - b2**t)``, ``rho_inf = 2 / (1 - b2) - 1``.
+
+    Written as ``K + (2 / L) * (1 - z / expm1(z))`` with ``L = -log(b2)``, ``z = t L`` and
+    ``K = rho_inf - 2 / L`` taken in float64: the direct form subtracts two numbers near
+    ``rho_inf`` (~2000 for b2 = 0.999), which in float32 leaves ``rho_t`` ~1e-4 off and the
+    rectification ``r_t`` with it; this form keeps ``rho_t`` to a few ulps in any dtype.
+    """
+    log_b2 = -math.log(b2)
+    k = (2.0 / (1.0 - b2) - 1.0) - 2.0 / log_b2
+    return k + (2.0 / log_b2) * _one_minus_z_over_expm1(t * log_b2)
+
+
+def scale_by_torch_radam(
+    b1: Any = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
+    """The direction of ``torch.optim.RAdam``'s step at step ``t`` (from 1)::
+
+        m = b1 * m + (1 - b1) * g;  v = b2 * v + (1 - b2) * g**2
+        rho_inf = 2 / (1 - b2) - 1;  rho_t = rho_inf - 2 t b2**t / (1 - b2**t)
+        r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+        out = m / (1 - b1**t) * r_t * sqrt(1 - b2**t) / (sqrt(v) + eps)   if rho_t > 5
+        out = m / (1 - b1**t)                                              otherwise
+
+    A custom transform: ``optax.scale_by_radam`` puts ``eps`` after the bias correction
+    (``sqrt(v / (1 - b2**t)) + eps``) and switches at ``rho_t >= 5``. State:
+    ``optax.ScaleByAdamState(count, mu, nu)``.
+    """
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+
+    def update_fn(updates: Any, state: optax.ScaleByAdamState, params: Any = None):
+        del params
+        count = optax.safe_increment(state.count)
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+
+        def direction(m: jax.Array, v: jax.Array) -> jax.Array:
+            m_hat = m / _torch_bias_correction(b1, count, m.dtype)
+            if rho_inf <= 5.0:  # b2 <= 2/3: rho_t < rho_inf never exceeds 5
+                return m_hat
+            rho = _radam_rho(b2, count.astype(m.dtype))
+            rect = jnp.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+            bc2_sqrt = jnp.sqrt(_torch_bias_correction(b2, count, m.dtype))
+            adaptive = bc2_sqrt / (jnp.sqrt(v) + eps)
+            return jnp.where(rho > 5.0, m_hat * adaptive * rect, m_hat)
+
+        out = jax.tree.map(direction, mu, nu)
+        return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    def init_fn(params: Any) -> optax.ScaleByAdamState:
+        zeros = optax.tree.zeros_like
+        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), zeros(params), zeros(params))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def radam(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[ScalarOrSchedule, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    *,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+    """``torch.optim.RAdam``.
+
+    Per parameter ``p`` with gradient ``g`` at step ``t`` (from 1)::
+
+        g = -g                                  if maximize
+        g = g + weight_decay * p                (L2, unless decoupled_weight_decay)
+        p = p * (1 - lr * weight_decay)         (if decoupled_weight_decay)
+        p = p - lr * out                        (out: see scale_by_torch_radam)
+
+    ``betas[0]`` may be a schedule (OneCycleLR). State: ``optax.ScaleByAdamState``.
+    """
+    _check_betas(lr, betas, eps, weight_decay)
+    direction = _with_schedules(
+        scale_by_torch_radam, ("b2", "eps"), b1=betas[0], b2=betas[1], eps=eps
+    )
+    return _torch_chain(direction, lr, weight_decay, maximize, decoupled_weight_decay)
+
+
+def adadelta(
+    lr: ScalarOrSchedule = 1.0,
+    rho: float = 0.9,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+    """``torch.optim.Adadelta``.
+
+    Per parameter ``p`` with gradient ``g``::
+
+        g = -g                                  if maximize
+        g = g + weight_decay * p
+        v = rho * v + (1 - rho) * g**2          (v, u start at 0)
+        d = sqrt(u + eps) / sqrt(v + eps) * g
+        u = rho * u + (1 - rho) * d**2
+        p = p - lr * d
+
+    ``optax.scale_by_adadelta`` is exactly this (state ``ScaleByAdaDeltaState(e_g=v, e_x=u)``);
+    torch's default ``lr`` is 1.0.
+    """
+    _check_lr(lr)
+    if not callable(rho) and not 0.0 <= rho <= 1.0:
+        raise ConfigError(f"Invalid rho value: {rho}")
+    _check_range("epsilon value", eps, 0.0)
+    _check_range("weight_decay value", weight_decay, 0.0)
+    direction = optax.scale_by_adadelta(rho=rho, eps=eps)
+    return _torch_chain(direction, lr, weight_decay, maximize)
+
+
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "sgd": sgd,
     "adam": adam,
     "adamw": adamw,
     "rmsprop": rmsprop,
+    "adagrad": adagrad,
+    "adamax": adamax,
+    "nadam": nadam,
+    "radam": radam,
+    "adadelta": adadelta,
 }
 """jaxnet's optimizers by name; each takes ``torch.optim``'s arguments under the same names."""
+
+TORCH_CLASSES: Mapping[str, str] = {
+    "sgd": "SGD",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "rmsprop": "RMSprop",
+    "adagrad": "Adagrad",
+    "adamax": "Adamax",
+    "nadam": "NAdam",
+    "radam": "RAdam",
+    "adadelta": "Adadelta",
+}
+"""The ``torch.optim`` class of each of ``OPTIMIZERS``: ``getattr(torch.optim,
+TORCH_CLASSES[name])`` takes the same arguments (``OptimizerSpec.options``)."""
 
 
 DEFAULTS: Mapping[str, Mapping[str, Any]] = {"sgd": {"momentum": 0.9}}
@@ -490,23 +918,124 @@ def resolve(
     return OptimizerSpec(name, merged, schedule, sched, 1)
 
 
-def transform(spec: OptimizerSpec) -> optax.GradientTransformation:
+class PlateauLrState(NamedTuple):
+    """The lr of a ``reduce_lr_on_plateau`` run, inside the optimizer state (so checkpointed
+    with it): ``lr``, the value the steps use (a scalar in the parameters' widest dtype), and
+    the scheduler's ``schedules.Plateau`` exactly, whatever jax's precision: its float64
+    ``lr`` and ``best`` as bit patterns ``uint32 (2,)`` (``lr_bits``, ``best_bits``) and its
+    counters ``int32 (3,)``: ``last_epoch, num_bad_epochs, cooldown_counter``."""
+
+    lr: jax.Array
+    lr_bits: jax.Array
+    best_bits: jax.Array
+    counters: jax.Array
+
+
+class PlateauTransformation(NamedTuple):
+    """An optax transform whose lr a ``schedules.ReduceLROnPlateau`` ``rule`` sets: step it
+    with ``plateau_step`` once per epoch. ``init``/``update`` as in any transform."""
+
+    init: optax.TransformInitFn
+    update: optax.TransformUpdateFn
+    rule: schedules.ReduceLROnPlateau
+
+
+def _f64_bits(x: float) -> np.ndarray:
+    return np.array([x], np.float64).view(np.uint32)
+
+
+def _plateau_state(plateau: schedules.Plateau, dtype: Any) -> PlateauLrState:
+    return PlateauLrState(
+        lr=jnp.asarray(plateau.lr, dtype),
+        lr_bits=jnp.asarray(_f64_bits(plateau.lr)),
+        best_bits=jnp.asarray(_f64_bits(plateau.best)),
+        counters=jnp.asarray(
+            [plateau.last_epoch, plateau.num_bad_epochs, plateau.cooldown_counter], jnp.int32
+        ),
+    )
+
+
+def _host(x: Any) -> np.ndarray:
+    """A replicated array's value on this host (any of its shards is all of it)."""
+    return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
+
+
+def plateau_of(state: PlateauLrState) -> schedules.Plateau:
+    """The ``schedules.Plateau`` held in ``state``, exactly."""
+    last_epoch, bad, cooldown = (int(c) for c in _host(state.counters))
+    lr = float(_host(state.lr_bits).astype(np.uint32).view(np.float64)[0])
+    best = float(_host(state.best_bits).astype(np.uint32).view(np.float64)[0])
+    return schedules.Plateau(lr, best, last_epoch, bad, cooldown)
+
+
+def with_plateau_lr(
+    inner: optax.GradientTransformation, rule: schedules.ReduceLROnPlateau, lr: float
+) -> PlateauTransformation:
+    """``inner`` (built with ``lr=1.0``: every torch optimizer's update is linear in its lr)
+    times the lr of ``rule``, starting at ``lr``. State: ``(inner_state, PlateauLrState)``."""
+
+    def init_fn(params: Any) -> tuple[Any, PlateauLrState]:
+        dtype = optax.tree.dtype(params, "highest")
+        return inner.init(params), _plateau_state(rule.init(lr), dtype)
+
+    def update_fn(updates: Any, state: tuple[Any, PlateauLrState], params: Any = None):
+        updates, inner_state = inner.update(updates, state[0], params)
+        updates = jax.tree.map(lambda u: u * state[1].lr.astype(u.dtype), updates)
+        return updates, (inner_state, state[1])
+
+    return PlateauTransformation(init_fn, update_fn, rule)
+
+
+def plateau_step(tx: Any, opt_state: Any, metric: float) -> Any:
+    """``scheduler.step(metric)`` of a ``reduce_lr_on_plateau`` transform ``tx`` on its
+    ``opt_state``: the new state (its arrays placed as the old ones were). Any other
+    transform's state is returned unchanged, so a training loop may call it every epoch."""
+    if not isinstance(tx, PlateauTransformation):
+        return opt_state
+    inner_state, old = opt_state
+    new = _plateau_state(tx.rule.step(plateau_of(old), metric), old.lr.dtype)
+    placed = jax.tree.map(
+        lambda n, o: jax.device_put(n, o.sharding) if isinstance(o, jax.Array) else n, new, old
+    )
+    return inner_state, placed
+
+
+def _one_cycle_kwargs(
+    spec: OptimizerSpec, kwargs: dict[str, Any], params: Mapping[str, inspect.Parameter]
+) -> dict[str, Any]:
+    """OneCycleLR drives the lr, and (``cycle_momentum``) ``betas[0]`` or ``momentum``."""
+    cycle = schedules.one_cycle_lr(**spec.schedule_options)
+    kwargs["lr"] = cycle.lr
+    if cycle.momentum is None:
+        return kwargs
+    if "betas" in params:
+        betas = kwargs.get("betas", params["betas"].default)
+        kwargs["betas"] = (cycle.momentum, betas[1])
+    elif "momentum" in params:
+        kwargs["momentum"] = cycle.momentum
+    else:
+        raise ConfigError(
+            "optimizer must support momentum or beta1 with `cycle_momentum` option enabled "
+            f"({spec.name} has neither): pass cycle_momentum=false to one_cycle_lr."
+        )
+    return kwargs
+
+
+def transform(spec: OptimizerSpec) -> optax.GradientTransformation | PlateauTransformation:
     """The optax transform of a resolved ``spec``: ``OPTIMIZERS[name](**options)``, its lr
-    (and for ``one_cycle_lr`` its momentum or beta1) driven by the schedule."""
+    (and for ``one_cycle_lr`` its momentum or beta1) driven by the schedule; for
+    ``reduce_lr_on_plateau`` a ``PlateauTransformation`` (see ``plateau_step``)."""
     factory = OPTIMIZERS[spec.name]
     kwargs = dict(spec.options)
     params = inspect.signature(factory).parameters
+    base_lr = kwargs.get("lr", params["lr"].default)
     if spec.schedule == "one_cycle_lr":
-        cycle = schedules.one_cycle_lr(**spec.schedule_options)
-        kwargs["lr"] = cycle.lr
-        if cycle.momentum is not None:
-            if "betas" in params:
-                betas = kwargs.get("betas", params["betas"].default)
-                kwargs["betas"] = (cycle.momentum, betas[1])
-            else:
-                kwargs["momentum"] = cycle.momentum
+        kwargs = _one_cycle_kwargs(spec, kwargs, params)
+    elif spec.schedule == "reduce_lr_on_plateau":
+        _check_lr(base_lr)
+        rule = schedules.reduce_lr_on_plateau(base_lr, **spec.schedule_options)
+        return with_plateau_lr(factory(**{**kwargs, "lr": 1.0}), rule, base_lr)
     elif spec.schedule is not None:
-        base_lr = kwargs.get("lr", params["lr"].default)
         kwargs["lr"] = schedules.SCHEDULES[spec.schedule](
             base_lr, **spec.schedule_options, steps_per_epoch=spec.schedule_every
         )

@@ -10,13 +10,18 @@ the optimizer at every step ``count = 0, 1, ...``:
   steps: step ``k`` uses ``last_epoch = k // n``.
 
 torch computes most of these recursively (``lr_t = lr_{t-1} * factor``); here each is the
-closed form of the same recursion, evaluated in float32. The two agree to float32 round-off
-(checked against torch's schedulers in ``tests/test_schedules.py``). Pass a schedule as any
-jaxnet optimizer's ``lr``.
+closed form of the same recursion, evaluated in float32, or in float64 under
+``jax_enable_x64``. The two agree to round-off of that dtype (checked against torch's
+schedulers in ``tests/test_schedules.py``). Pass a schedule as any jaxnet optimizer's ``lr``.
+
+``reduce_lr_on_plateau`` is the exception: driven by a metric, not by the step count, it is a
+host-side ``Plateau`` state stepped once per epoch (``jaxnet.optim.plateau_step`` keeps it in
+the optimizer state).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
@@ -29,12 +34,16 @@ from jaxnet.errors import ConfigError
 
 __all__ = [
     "OneCycle",
+    "Plateau",
+    "ReduceLROnPlateau",
     "SCHEDULES",
+    "TORCH_CLASSES",
     "cosine_annealing_lr",
     "exponential_lr",
     "linear_lr",
     "multi_step_lr",
     "one_cycle_lr",
+    "reduce_lr_on_plateau",
     "step_lr",
 ]
 
@@ -51,6 +60,12 @@ def _epoch(count: jax.Array, steps_per_epoch: int) -> jax.Array:
     return jnp.asarray(count, jnp.int32) // steps_per_epoch
 
 
+def _float() -> jnp.dtype:
+    """The dtype schedules compute in: float64 under ``jax_enable_x64``, else float32 (the
+    optimizer casts the value to the parameters' dtype)."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
 def step_lr(
     lr: float, step_size: int, gamma: float = 0.1, *, steps_per_epoch: int = 1
 ) -> optax.Schedule:
@@ -61,7 +76,7 @@ def step_lr(
 
     def schedule(count: jax.Array) -> jax.Array:
         e = _epoch(count, steps_per_epoch) // step_size
-        return lr * jnp.float32(gamma) ** e.astype(jnp.float32)
+        return lr * jnp.asarray(gamma, _float()) ** e.astype(_float())
 
     return schedule
 
@@ -80,7 +95,7 @@ def multi_step_lr(
     def schedule(count: jax.Array) -> jax.Array:
         e = _epoch(count, steps_per_epoch)
         passed = jnp.sum(table <= e) if ms else jnp.int32(0)  # bisect_right(ms, epoch)
-        return lr * jnp.float32(gamma) ** passed.astype(jnp.float32)
+        return lr * jnp.asarray(gamma, _float()) ** passed.astype(_float())
 
     return schedule
 
@@ -90,8 +105,8 @@ def exponential_lr(lr: float, gamma: float, *, steps_per_epoch: int = 1) -> opta
     _check_steps_per_epoch(steps_per_epoch)
 
     def schedule(count: jax.Array) -> jax.Array:
-        e = _epoch(count, steps_per_epoch).astype(jnp.float32)
-        return lr * jnp.float32(gamma) ** e
+        e = _epoch(count, steps_per_epoch).astype(_float())
+        return lr * jnp.asarray(gamma, _float()) ** e
 
     return schedule
 
@@ -112,7 +127,7 @@ def cosine_annealing_lr(
     def schedule(count: jax.Array) -> jax.Array:
         # Reduce modulo the period in integers first, so the cosine's argument stays small.
         e = _epoch(count, steps_per_epoch) % (2 * T_max)
-        cos = jnp.cos(jnp.float32(math.pi) * e.astype(jnp.float32) / T_max)
+        cos = jnp.cos(jnp.asarray(math.pi, _float()) * e.astype(_float()) / T_max)
         return eta_min + (lr - eta_min) * (1.0 + cos) / 2.0
 
     return schedule
@@ -137,8 +152,8 @@ def linear_lr(
         raise ConfigError("Ending multiplicative factor expected to be between 0 and 1.")
 
     def schedule(count: jax.Array) -> jax.Array:
-        e = jnp.minimum(_epoch(count, steps_per_epoch), total_iters).astype(jnp.float32)
-        frac = e / total_iters if total_iters > 0 else jnp.float32(1.0)
+        e = jnp.minimum(_epoch(count, steps_per_epoch), total_iters).astype(_float())
+        frac = e / total_iters if total_iters > 0 else jnp.asarray(1.0, _float())
         return lr * (start_factor + (end_factor - start_factor) * frac)
 
     return schedule
@@ -242,13 +257,13 @@ def one_cycle_lr(
 
     def anneal(start: float, end: float, pct: jax.Array) -> jax.Array:
         if anneal_strategy == "cos":
-            return end + (start - end) / 2.0 * (jnp.cos(jnp.float32(math.pi) * pct) + 1)
+            return end + (start - end) / 2.0 * (jnp.cos(jnp.asarray(math.pi, pct.dtype) * pct) + 1)
         return (end - start) * pct + start
 
     def make(which: int) -> optax.Schedule:
         def schedule(count: jax.Array) -> jax.Array:
-            step = jnp.asarray(count, jnp.int32).astype(jnp.float32)
-            value = jnp.float32(jnp.nan)
+            step = jnp.asarray(count, jnp.int32).astype(_float())
+            value = jnp.asarray(jnp.nan, _float())
             # torch takes the first phase with step <= end_step (the last one otherwise): fill
             # from the last phase backwards so that earlier phases win.
             start_steps = [0.0] + [p[0] for p in phases[:-1]]
@@ -264,6 +279,105 @@ def one_cycle_lr(
     return OneCycle(lr=make(1), momentum=make(3) if cycle_momentum else None)
 
 
+class Plateau(NamedTuple):
+    """``ReduceLROnPlateau``'s state, in Python floats as torch keeps it: the ``lr`` it sets,
+    the ``best`` metric so far, ``last_epoch`` (``step`` calls), ``num_bad_epochs`` and
+    ``cooldown_counter``."""
+
+    lr: float
+    best: float
+    last_epoch: int = 0
+    num_bad_epochs: int = 0
+    cooldown_counter: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ReduceLROnPlateau:
+    """``torch.optim.lr_scheduler.ReduceLROnPlateau``'s rule (one parameter group): ``init``
+    its state, ``step`` it on a metric. Pure functions of Python floats, the same arithmetic
+    as torch's, so the lrs are torch's bit for bit. Made by ``reduce_lr_on_plateau``."""
+
+    mode: str = "min"
+    factor: float = 0.1
+    patience: int = 10
+    threshold: float = 1e-4
+    threshold_mode: str = "rel"
+    cooldown: int = 0
+    min_lr: float = 0.0
+    eps: float = 1e-8
+
+    def init(self, lr: float) -> Plateau:
+        """The state before the first ``step``: ``best`` is the worst value of ``mode``."""
+        return Plateau(lr=float(lr), best=math.inf if self.mode == "min" else -math.inf)
+
+    def is_better(self, a: float, best: float) -> bool:
+        """torch's ``_is_better``: better than ``best`` by more than ``threshold``."""
+        if self.mode == "min" and self.threshold_mode == "rel":
+            return a < best * (1.0 - self.threshold)
+        if self.mode == "min":
+            return a < best - self.threshold
+        if self.threshold_mode == "rel":
+            return a > best * (self.threshold + 1.0)
+        return a > best + self.threshold
+
+    def step(self, state: Plateau, metric: float) -> Plateau:
+        """One ``scheduler.step(metric)``: after ``patience`` epochs without improvement (and
+        outside ``cooldown``), ``lr = max(lr * factor, min_lr)`` unless that changes it by
+        ``eps`` or less. A NaN metric counts as no improvement, as in torch."""
+        current = float(metric)
+        lr, best, bad, cooldown = (
+            state.lr,
+            state.best,
+            state.num_bad_epochs + 1,
+            state.cooldown_counter,
+        )
+        if self.is_better(current, best):
+            best, bad = current, 0
+        if cooldown > 0:
+            cooldown, bad = cooldown - 1, 0
+        if bad > self.patience:
+            new_lr = max(lr * self.factor, self.min_lr)
+            if lr - new_lr > self.eps:
+                lr = new_lr
+            cooldown, bad = self.cooldown, 0
+        return Plateau(lr, best, state.last_epoch + 1, bad, cooldown)
+
+    def replay(self, lr: float, metrics: Sequence[float]) -> list[float]:
+        """The lr after each ``step`` over ``metrics``, from base ``lr``: what torch's scheduler
+        sets for the epoch after each metric."""
+        state, out = self.init(lr), []
+        for m in metrics:
+            state = self.step(state, m)
+            out.append(state.lr)
+        return out
+
+
+def reduce_lr_on_plateau(
+    lr: float,
+    mode: Literal["min", "max"] = "min",
+    factor: float = 0.1,
+    patience: int = 10,
+    threshold: float = 1e-4,
+    threshold_mode: Literal["rel", "abs"] = "rel",
+    cooldown: int = 0,
+    min_lr: float = 0.0,
+    eps: float = 1e-8,
+) -> ReduceLROnPlateau:
+    """``ReduceLROnPlateau`` with torch's arguments, defaults and checks (``lr`` is only
+    checked: the rule starts from the optimizer's lr). ``jaxnet train --schedule
+    reduce_lr_on_plateau`` steps it once per epoch on the validation loss."""
+    del lr
+    if factor >= 1.0:
+        raise ConfigError("Factor should be < 1.0.")
+    if mode not in {"min", "max"}:
+        raise ConfigError("mode " + str(mode) + " is unknown!")
+    if threshold_mode not in {"rel", "abs"}:
+        raise ConfigError("threshold mode " + str(threshold_mode) + " is unknown!")
+    return ReduceLROnPlateau(
+        mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps
+    )
+
+
 SCHEDULES = {
     "step_lr": step_lr,
     "multi_step_lr": multi_step_lr,
@@ -271,5 +385,17 @@ SCHEDULES = {
     "cosine_annealing_lr": cosine_annealing_lr,
     "linear_lr": linear_lr,
     "one_cycle_lr": one_cycle_lr,
+    "reduce_lr_on_plateau": reduce_lr_on_plateau,
 }
 """The schedules by name (torch's class name in snake case)."""
+
+TORCH_CLASSES = {
+    "step_lr": "StepLR",
+    "multi_step_lr": "MultiStepLR",
+    "exponential_lr": "ExponentialLR",
+    "cosine_annealing_lr": "CosineAnnealingLR",
+    "linear_lr": "LinearLR",
+    "one_cycle_lr": "OneCycleLR",
+    "reduce_lr_on_plateau": "ReduceLROnPlateau",
+}
+"""The ``torch.optim.lr_scheduler`` class of each of ``SCHEDULES``."""

@@ -191,3 +191,12 @@ def signal_after_step(monkeypatch, sig: signal.Signals, at_step: int) -> None:
         return new_state, metrics
 
     monkeypatch.setattr(jaxnet.train, "train_step", step_then_signal)
+
+
+@pytest.fixture
+def x64():
+    """``jax_enable_x64`` for one test only (``jax.enable_x64`` context manager): float64
+    arrays stay float64 inside it, and every other test keeps jax's float32 default. jit
+    caches key on the flag, so nothing compiled in here leaks out."""
+    with jax.enable_x64(True):
+        yield

@@ -136,3 +136,114 @@ def test_one_cycle_without_momentum_cycling() -> None:
 def test_bad_arguments_raise(call) -> None:
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_schedule_is_float64_under_x64(name: str, x64) -> None:
+    """Under x64 a schedule computes in float64 (no float32 constant): torch's float64 lr."""
+    make_torch, make_ours = CASES[name]
+    want, _ = torch_values(make_torch, 10, per_epoch=True)
+    ours = jax.jit(jax.vmap(make_ours(10)))(jnp.arange(len(want)))
+    assert ours.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(ours), want, rtol=1e-14, atol=1e-16)
+
+
+def test_one_cycle_is_float64_under_x64(x64) -> None:
+    steps_per_epoch, kwargs = 10, {"three_phase": True}
+    want_lr, want_mom = torch_values(
+        lambda o: S.OneCycleLR(
+            o, max_lr=1.0, epochs=EPOCHS, steps_per_epoch=steps_per_epoch, **kwargs
+        ),
+        steps_per_epoch,
+        per_epoch=False,
+    )
+    ours = schedules.one_cycle_lr(1.0, epochs=EPOCHS, steps_per_epoch=steps_per_epoch, **kwargs)
+    n = EPOCHS * steps_per_epoch
+    np.testing.assert_allclose(jax_values(ours.lr, n), want_lr, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(jax_values(ours.momentum, n), want_mom, rtol=1e-14, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# ReduceLROnPlateau: metric sequences replayed on torch's scheduler and on ours
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_plateau_lrs(lr: float, metrics, **kwargs) -> list[float]:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = S.ReduceLROnPlateau(opt, **kwargs)
+    out = []
+    for m in metrics:
+        sched.step(m)
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
+def random_metrics(rng: np.random.Generator, n: int, mode: str) -> list[float]:
+    """Plateaus, exact ties, steps just inside and just outside the threshold, and NaN."""
+    values, current = [], 1.0
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.3:
+            pass  # an exact tie with the last value
+        elif r < 0.45:
+            current = current * (1 - 1e-4) if mode == "min" else current * (1 + 1e-4)
+        elif r < 0.5:
+            current = current - 1e-4 if mode == "min" else current + 1e-4
+        elif r < 0.52:
+            values.append(float("nan"))
+            continue
+        else:
+            current = current * float(rng.uniform(0.9, 1.1))
+        values.append(current)
+    return values
+
+
+def plateau_kwargs(rng: np.random.Generator) -> dict:
+    return {
+        "mode": str(rng.choice(["min", "max"])),
+        "factor": float(rng.choice([0.1, 0.5, 0.3])),
+        "patience": int(rng.integers(0, 4)),
+        "threshold": float(rng.choice([1e-4, 0.0, 0.05])),
+        "threshold_mode": str(rng.choice(["rel", "abs"])),
+        "cooldown": int(rng.integers(0, 3)),
+        "min_lr": float(rng.choice([0.0, 1e-3])),
+        "eps": float(rng.choice([1e-8, 1e-3])),
+    }
+
+
+def test_plateau_equals_torch_on_random_metric_sequences() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        kwargs = plateau_kwargs(rng)
+        metrics = random_metrics(rng, 40, kwargs["mode"])
+        rule = schedules.reduce_lr_on_plateau(0.1, **kwargs)
+        assert rule.replay(0.1, metrics) == torch_plateau_lrs(0.1, metrics, **kwargs), kwargs
+
+
+def test_plateau_state_matches_torchs() -> None:
+    kwargs = {"patience": 1, "cooldown": 2, "threshold": 0.0}
+    metrics = [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = S.ReduceLROnPlateau(opt, **kwargs)
+    rule = schedules.reduce_lr_on_plateau(0.1, **kwargs)
+    state = rule.init(0.1)
+    for m in metrics:
+        sched.step(m)
+        state = rule.step(state, m)
+        assert state == schedules.Plateau(
+            opt.param_groups[0]["lr"],
+            sched.best,
+            sched.last_epoch,
+            sched.num_bad_epochs,
+            sched.cooldown_counter,
+        )
+
+
+@pytest.mark.parametrize("kwargs", [{"factor": 1.0}, {"mode": "avg"}, {"threshold_mode": "pct"}])
+def test_plateau_rejects_what_torch_rejects(kwargs) -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError) as theirs:
+        S.ReduceLROnPlateau(opt, **kwargs)
+    with pytest.raises(ValueError) as ours:
+        schedules.reduce_lr_on_plateau(0.1, **kwargs)
+    assert str(ours.value) == str(theirs.value)
