@@ -1,6 +1,30 @@
 """``torch.optim`` optimizers as optax ``GradientTransformation``s, with torch's semantics,
 argument names and defaults. Built from optax pieces; a custom transform only where optax has
-no equivalent, each saying which torch behaviour it reproduces.
+no equivalent, each saying which torch behaviour it reproduces. Every computation is in the
+parameters' dtype: under ``jax_enable_x64`` with float64 parameters, torch float64's numbers.
+
+State layout (what ``torch.optim``'s ``state_dict`` maps to). Each optimizer is an
+``optax.chain``; its state is a tuple with one entry per part, in this order, parts that are
+off being absent:
+
+* ``maximize``: ``EmptyState()``; L2 ``weight_decay``: ``EmptyState()``;
+* the direction: the optimizer's own state (below); with a scheduled ``momentum``/``betas[0]``
+  (OneCycleLR) wrapped as ``InjectHyperparamsState(count, hyperparams, inner_state)``;
+* decoupled weight decay (AdamW, ``decoupled_weight_decay=True``): ``EmptyState()``;
+* the lr: ``EmptyState()`` for a constant, ``ScaleByScheduleState(count)`` for a schedule.
+
+Directions, with torch's names: SGD: ``TraceState(trace=momentum_buffer)`` (zeros before the
+first step equal torch's "no buffer yet"), ``DampenedMomentumState(count, buf)`` with
+dampening, none without momentum. Adam/AdamW: ``ScaleByTorchAdamState(count=step,
+mu=exp_avg, nu=exp_avg_sq, nu_max=max_exp_avg_sq or None)``. RMSprop:
+``ScaleByRmsState(nu=square_avg)`` or, centered, ``ScaleByRStdDevState(mu=grad_avg,
+nu=square_avg)``, then ``TraceState(trace=momentum_buffer)`` with momentum. Adagrad:
+``ScaleByTorchAdagradState(count=step, sum)``. Adamax: ``ScaleByTorchAdamaxState(count=step,
+mu=exp_avg, nu=exp_inf)``. NAdam: ``ScaleByTorchNAdamState(count=step, mu_product,
+mu=exp_avg, nu=exp_avg_sq)``. RAdam: ``optax.ScaleByAdamState(count=step, mu=exp_avg,
+nu=exp_avg_sq)``. Adadelta: ``optax.ScaleByAdaDeltaState(e_g=square_avg, e_x=acc_delta)``
+(torch's step count is unused by its update). ``reduce_lr_on_plateau``: ``(chain state,
+PlateauLrState)``.
 """
 
 from __future__ import annotations
