@@ -1,56 +1,176 @@
 """Process-level settings of the host that decide how fast XLA:CPU runs the training step.
 
-These change the whole process (not just jaxnet), so the library never applies them on its
-own: ``jaxnet train`` and ``jaxnet bench`` call :func:`tune_malloc` at start-up (opt out with
-``--malloc-defaults``), and scripts that call ``train_step`` themselves may call it first.
+glibc's ``malloc`` thresholds (:func:`tune_malloc`, why: ``docs/performance.md``) are raised
+the first time one of jaxnet's jitted steps runs on the CPU (``train_step``, ``eval_step``,
+``train_steps``, ``train_step_donated``, ``per_example_grad_norms``, the ``jaxnet.inference``
+predictions): the README's own usage is then the fast path, with no extra call. They change
+the whole process, so:
+
+* ``JAXNET_TUNE_MALLOC=0`` in the environment, or :func:`restore_malloc` before the first
+  step, keeps glibc's own settings; so do ``MALLOC_MMAP_THRESHOLD_`` or
+  ``MALLOC_TRIM_THRESHOLD_`` set by the user (their values stay in force);
+* :func:`malloc_status` says what was done, by what and why; :func:`restore_malloc` undoes it;
+* the memory kept is capped: at most ``auto_threshold()`` bytes (1 GiB, or 1/16 of the
+  physical memory if that is less) of freed memory stays with the process.
+
+No other setting is touched, and nothing is done on GPUs and TPUs (their buffers are not
+``malloc``'s).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["DEFAULT_MALLOC_THRESHOLD", "tune_malloc"]
+__all__ = [
+    "DEFAULT_MALLOC_THRESHOLD",
+    "MALLOC_ENV",
+    "auto_threshold",
+    "malloc_status",
+    "restore_malloc",
+    "tune_malloc",
+    "tunes_malloc_on_first_call",
+]
 
-# glibc mallopt() parameter numbers (malloc.h).
+# glibc mallopt() parameter numbers (malloc.h) and the defaults its manual gives.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 
 DEFAULT_MALLOC_THRESHOLD = 1 << 30
+MALLOC_ENV = "JAXNET_TUNE_MALLOC"
+"""``JAXNET_TUNE_MALLOC=0``: jaxnet's steps leave ``malloc`` as it is."""
+_USER_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+_status: dict[str, Any] = {"tuned": False, "threshold_bytes": None, "by": None, "note": None}
+_first_call_done = False
 
 
-def tune_malloc(threshold_bytes: int = DEFAULT_MALLOC_THRESHOLD) -> bool:
-    """Make glibc's ``malloc`` keep freed blocks of up to ``threshold_bytes`` for reuse.
-
-    Why: XLA:CPU allocates a step's temporary buffers afresh on every call and frees them
-    afterwards (tens of MB per step for ``Net``'s training step at batch 128 and up). glibc
-    serves blocks above its mmap threshold (at most 32 MB by default) with a fresh ``mmap``
-    and unmaps them on ``free``, so the kernel zero-fills every page again on first touch:
-    thousands of page faults per step, a large share of the step's time
-    (``docs/performance.md`` has the figures). With the mmap and trim thresholds raised to
-    ``threshold_bytes`` such blocks are served from the heap and reused, and the faults
-    disappear (see
-    ``tests/test_host.py``). The cost: up to ``threshold_bytes`` of freed memory stays mapped
-    in the process instead of going back to the OS.
-
-    Calls ``mallopt(M_MMAP_THRESHOLD)`` and ``mallopt(M_TRIM_THRESHOLD)``. The same as
-    starting Python with ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` set, but
-    possible after start-up. Affects allocations made after the call. Returns True if both
-    settings were applied; False where the C library is not glibc (macOS, musl: nothing is
-    changed) or glibc refuses a value.
-    """
-    if threshold_bytes <= 0:
-        raise ValueError(f"threshold_bytes must be positive, got {threshold_bytes}.")
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, or None where the C library is not glibc (macOS, musl)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018 - present only in glibc
     except (OSError, AttributeError):
-        return False
+        return None
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    value = min(int(threshold_bytes), 2**31 - 1)
+    return mallopt
+
+
+def tune_malloc(threshold_bytes: int = DEFAULT_MALLOC_THRESHOLD) -> bool:
+    """Make glibc's ``malloc`` keep freed blocks of up to ``threshold_bytes`` for reuse.
+
+    Why: XLA:CPU allocates a step's temporary buffers and its outputs (a non-donated step's
+    new parameters and optimizer state: 51 MB for ``Net`` with momentum) afresh on every call
+    and frees them afterwards. glibc serves blocks above its mmap threshold (at most 32 MB by
+    default) with a fresh ``mmap`` and gives freed memory at the top of the heap back to the
+    OS beyond its trim threshold, so the kernel zero-fills those pages again on first touch:
+    thousands of page faults per step, a large share of the step's time
+    (``docs/performance.md``). With both thresholds at ``threshold_bytes`` the blocks are
+    reused and the faults disappear (``tests/test_host.py``). The cost: up to
+    ``threshold_bytes`` of freed memory stays mapped in the process.
+
+    Calls ``mallopt(M_MMAP_THRESHOLD)`` and ``mallopt(M_TRIM_THRESHOLD)``: the same as starting
+    Python with ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` set, but possible
+    after start-up; it affects allocations made after the call. Returns True if both settings
+    were applied; False where the C library is not glibc (nothing is changed) or glibc
+    refuses a value.
+    """
+    if threshold_bytes <= 0:
+        raise ValueError(f"threshold_bytes must be positive, got {threshold_bytes}.")
+    return _tune(min(int(threshold_bytes), 2**31 - 1), "tune_malloc()")
+
+
+def _tune(value: int, by: str) -> bool:
+    done = _set_thresholds(value)
+    if done:
+        _status.update(tuned=True, threshold_bytes=value, by=by, note=None)
+    return done
+
+
+def _set_thresholds(value: int) -> bool:
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
     return bool(mallopt(_M_MMAP_THRESHOLD, value)) and bool(mallopt(_M_TRIM_THRESHOLD, value))
+
+
+def restore_malloc() -> bool:
+    """Undo :func:`tune_malloc`, and keep jaxnet's steps from applying it in this process.
+
+    Puts glibc's documented default values back (128 KiB each; glibc's dynamic raising of the
+    mmap threshold stays off once a value has been set, as after any ``mallopt``). Returns
+    True if values were restored, False if there was nothing to undo.
+    """
+    global _first_call_done
+    _first_call_done = True
+    was_tuned = _status["tuned"]
+    if was_tuned:
+        _set_thresholds(_GLIBC_DEFAULT_THRESHOLD)
+    _status.update(tuned=False, threshold_bytes=None, by="restore_malloc()")
+    _status["note"] = "glibc's default values restored" if was_tuned else "left untouched"
+    return bool(was_tuned)
+
+
+def malloc_status() -> dict[str, Any]:
+    """What jaxnet did to ``malloc`` in this process: ``tuned`` (bool), ``threshold_bytes``,
+    ``by`` (``"first step"``, ``"tune_malloc()"``, ``"restore_malloc()"`` or None: nothing
+    yet) and ``note`` (why it was left alone, when it was)."""
+    return dict(_status)
+
+
+def auto_threshold() -> int:
+    """The threshold the first step applies: 1 GiB, or 1/16 of the physical memory if less."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return DEFAULT_MALLOC_THRESHOLD
+    return max(min(DEFAULT_MALLOC_THRESHOLD, physical // 16), 32 << 20)
+
+
+def _on_first_call(backend: Callable[[], str]) -> None:
+    """Tune ``malloc`` for XLA:CPU unless told not to; record why not otherwise."""
+    global _first_call_done
+    _first_call_done = True
+    if os.environ.get(MALLOC_ENV, "").strip() == "0":
+        _status["note"] = f"{MALLOC_ENV}=0: left untouched"
+    elif any(name in os.environ for name in _USER_ENV):
+        _status["note"] = "MALLOC_*_THRESHOLD_ set in the environment: left as set"
+    elif backend() != "cpu":
+        _status["note"] = "not on the CPU: left untouched"
+    elif not _tune(auto_threshold(), "first step"):
+        _status["note"] = "not glibc: nothing to tune"
+
+
+def tunes_malloc_on_first_call(jitted: Callable[..., Any]) -> Callable[..., Any]:
+    """``jitted``, whose first call (of all so wrapped) tunes ``malloc`` first (see above)."""
+    return _FirstCallTuning(jitted)
+
+
+class _FirstCallTuning:
+    """A jitted function whose first call runs ``_on_first_call`` first. Everything else
+    (``lower``, ``trace``, ``eval_shape``, the docstring) is the jitted function's; a call
+    costs one flag check more."""
+
+    def __init__(self, jitted: Callable[..., Any]) -> None:
+        self._jitted = jitted
+        functools.update_wrapper(self, jitted)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not _first_call_done:
+            import jax
+
+            _on_first_call(jax.default_backend)
+        return self._jitted(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._jitted, name)

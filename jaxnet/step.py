@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from jaxnet import losses
+from jaxnet import host, losses
 from jaxnet.criteria import ignored_label
 from jaxnet.model import Net, init_params
 
@@ -203,10 +203,12 @@ def _after_gradients(grads: Any, params: Any) -> Any:
     return jax.tree.map(lambda p: p - zero.astype(p.dtype), params)
 
 
-train_step = jax.jit(_train_step, static_argnames=("criterion",))
+# The public steps tune the host's malloc the first time one runs on the CPU (jaxnet.host:
+# XLA:CPU's fresh buffers otherwise cost thousands of page faults per step).
+train_step = host.tunes_malloc_on_first_call(jax.jit(_train_step, static_argnames=("criterion",)))
 
-train_step_donated = jax.jit(
-    _train_step_donated, static_argnames=("criterion",), donate_argnames=("state",)
+train_step_donated = host.tunes_malloc_on_first_call(
+    jax.jit(_train_step_donated, static_argnames=("criterion",), donate_argnames=("state",))
 )
 
 
@@ -235,9 +237,10 @@ def _train_steps(
     return jax.lax.scan(body, state, batches)
 
 
-train_steps = jax.jit(_train_steps, static_argnames=("criterion",))
+train_steps = host.tunes_malloc_on_first_call(jax.jit(_train_steps, static_argnames=("criterion",)))
 
 
+@host.tunes_malloc_on_first_call
 @functools.partial(jax.jit, static_argnames=("criterion",))
 def eval_step(
     state: TrainState, batch: Batch, criterion: Criterion = losses.cross_entropy
@@ -250,6 +253,7 @@ def eval_step(
     return _metrics(loss, logits, targets, ignore)
 
 
+@host.tunes_malloc_on_first_call
 @functools.partial(jax.jit, static_argnames=("criterion", "chunk_size"))
 def per_example_grad_norms(
     state: TrainState,

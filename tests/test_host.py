@@ -1,26 +1,30 @@
-"""jaxnet.host.tune_malloc: XLA:CPU's per-step buffers stop costing fresh pages every step."""
+"""jaxnet.host: the README's own loop tunes malloc on its first step (XLA:CPU's per-step buffers
+stop costing fresh pages every step); the opt-outs, the status and the undo."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
+import jax
 import pytest
 
-from jaxnet.host import tune_malloc
+from jaxnet import host
+from jaxnet.host import _USER_ENV, tune_malloc
 
-# Counts the minor page faults per donated train step at batch 128 (about 12,000 per step with
-# glibc's default thresholds, measured with jax 0.10.2), after tune_malloc() if asked.
+# The README's own usage (TrainState.create, then jaxnet.train_step in a loop) at batch 1,
+# nothing else called: minor page faults per step, then again after host.restore_malloc().
+# Each non-donated step returns new params and momentum (51 MB): with glibc's own thresholds
+# those pages are handed back to the OS and faulted in again on every step (~12,500 pages).
 _SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
-    from jaxnet.host import tune_malloc
-    applied = tune_malloc() if sys.argv[1] == "tuned" else None
+    import json, resource
     import jax, jax.numpy as jnp, numpy as np
     import jaxnet
-    from jaxnet import optim
+    from jaxnet import host, optim
     from jaxnet.model import abstract_params
     net = jaxnet.Net()
     rng = np.random.default_rng(0)
@@ -29,27 +33,29 @@ _SCRIPT = textwrap.dedent(
         lambda s: jnp.asarray(rng.uniform(-0.01, 0.01, s.shape).astype(s.dtype)),
         abstract_params(net),
     )
-    state = jaxnet.create_train_state(None, net, optim.sgd(0.01, momentum=0.9), params)
-    batch = (jnp.asarray(rng.standard_normal((128, 32, 32, 1), dtype=np.float32)),
-             jnp.asarray(rng.integers(0, 2, 128).astype(np.int32)))
-    for _ in range(3):
-        state, _ = jaxnet.train_step_donated(state, batch)
-    jax.block_until_ready(state)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        state, _ = jaxnet.train_step_donated(state, batch)
-    jax.block_until_ready(state)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
-    print(json.dumps({"applied": applied, "faults_per_step": faults}))
+    state = jaxnet.TrainState.create(
+        apply_fn=net.apply, params=params, tx=optim.sgd(0.01, momentum=0.9)
+    )
+    batch = (jnp.asarray(rng.standard_normal((1, 32, 32, 1), dtype=np.float32)),
+             jnp.asarray([1], jnp.int32))
+    def faults_per_step():
+        global state
+        for _ in range(10):  # the heap grows to its steady size over the first steps
+            state, _ = jaxnet.train_step(state, batch)
+        jax.block_until_ready(state)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            state, _ = jaxnet.train_step(state, batch)
+        jax.block_until_ready(state)
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+    out = {"status_before": host.malloc_status(), "default": faults_per_step()}
+    out["status"] = host.malloc_status()
+    out["restored"] = host.restore_malloc()
+    out["after_restore"] = faults_per_step()
+    out["auto_threshold"] = host.auto_threshold()
+    print(json.dumps(out))
     """
 )
-
-
-def _faults_per_step(mode: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, check=True
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_tune_malloc_rejects_a_non_positive_threshold():
@@ -57,12 +63,77 @@ def test_tune_malloc_rejects_a_non_positive_threshold():
         tune_malloc(0)
 
 
-def test_tune_malloc_removes_the_per_step_page_faults():
-    if not sys.platform.startswith("linux"):
-        assert tune_malloc() is False  # only glibc has these knobs; nothing is changed
-        return
-    tuned = _faults_per_step("tuned")
-    print(f"minor page faults per step at batch 128, tuned: {tuned['faults_per_step']:.0f}")
-    assert tuned["applied"] is True
-    # 500 pages = 2 MB of fresh memory per step; untuned it is ~47 MB (~12,000 pages).
-    assert tuned["faults_per_step"] < 500, tuned
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_the_default_path_has_no_per_step_page_faults_and_restore_undoes_it():
+    env = {k: v for k, v in os.environ.items() if k not in ("JAXNET_TUNE_MALLOC", *_USER_ENV)}
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, check=True, env=env
+    )
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    print(
+        f"minor page faults per step at batch 1: {out['default']:.0f}, "
+        f"after restore_malloc(): {out['after_restore']:.0f}"
+    )
+    assert out["status_before"]["tuned"] is False and out["status_before"]["by"] is None
+    assert out["status"]["tuned"] is True and out["status"]["by"] == "first step"
+    assert out["status"]["threshold_bytes"] == out["auto_threshold"]
+    # 500 pages = 2 MB of fresh memory per step; the 51 MB of new state is ~12,500 pages.
+    assert out["default"] < 500, out
+    assert out["restored"] is True and out["after_restore"] > 5000, out
+
+
+@pytest.fixture
+def fresh_host(monkeypatch):
+    """jaxnet.host as in a new process, with mallopt replaced by a recorder."""
+    calls = []
+    monkeypatch.setattr(
+        host, "_status", dict(tuned=False, threshold_bytes=None, by=None, note=None)
+    )
+    monkeypatch.setattr(host, "_first_call_done", False)
+    monkeypatch.setattr(host, "_set_thresholds", lambda value: calls.append(value) or True)
+    for name in ("JAXNET_TUNE_MALLOC", *_USER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("env", "backend", "note"),
+    [
+        ({"JAXNET_TUNE_MALLOC": "0"}, "cpu", "JAXNET_TUNE_MALLOC=0"),
+        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "cpu", "set in the environment"),
+        ({}, "gpu", "not on the CPU"),
+    ],
+)
+def test_the_first_step_leaves_malloc_alone_when_told_or_off_the_cpu(
+    fresh_host, monkeypatch, env, backend, note
+):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    host._on_first_call(lambda: backend)
+    assert fresh_host == []
+    status = host.malloc_status()
+    assert status["tuned"] is False and note in status["note"]
+
+
+def test_the_first_call_of_a_wrapped_step_tunes_once_and_restore_undoes_it(fresh_host):
+    calls = []
+    wrapped = host.tunes_malloc_on_first_call(jax.jit(lambda x: calls.append(1) or x + 1))
+    assert int(wrapped(1)) == 2 and int(wrapped(2)) == 3
+    assert fresh_host == [host.auto_threshold()]  # once, with the capped threshold
+    assert 32 << 20 <= host.auto_threshold() <= host.DEFAULT_MALLOC_THRESHOLD
+    assert host.malloc_status()["by"] == "first step"
+    assert wrapped.lower(1).compile() is not None  # the jitted function's API stays
+    assert host.restore_malloc() is True and fresh_host[-1] == 128 * 1024
+    assert host.malloc_status() == {
+        "tuned": False,
+        "threshold_bytes": None,
+        "by": "restore_malloc()",
+        "note": "glibc's default values restored",
+    }
+    assert host.restore_malloc() is False  # nothing left to undo
+
+
+def test_restore_before_the_first_step_keeps_the_steps_from_tuning(fresh_host):
+    assert host.restore_malloc() is False
+    host.tunes_malloc_on_first_call(lambda: None)()
+    assert fresh_host == [] and host.malloc_status()["note"] == "left untouched"
