@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -11,15 +12,18 @@ from typing import Any
 
 from jaxnet.io import atomic_write, save_figure
 
-__all__ = ["Diagnosis", "diagnose", "plot_curves", "write_metrics"]
+__all__ = ["PATIENCE", "RISE", "Diagnosis", "diagnose", "plot_curves", "write_metrics"]
 
 History = Sequence[Mapping[str, Any]]
 """One record per epoch: ``epoch``, ``train_loss``, ``train_accuracy``, ``val_loss``,
 ``val_accuracy`` (accuracies in [0, 1])."""
 
-# A validation loss counts as "rising" when it ends this much (relative) above its minimum;
+# A validation loss counts as "risen" when it is this much (relative) above its minimum;
 # smaller wiggles are noise of the mini-batch order.
 RISE = 0.10
+# Over-fitting is called only after this many epochs past the best one, whose mean validation
+# loss and last one are both risen: one noisy epoch is not evidence.
+PATIENCE = 3
 # Train accuracy below this at the end means the network has not even fitted its training data.
 UNDERFIT_ACCURACY = 0.90
 # Train loss down by more than this (relative) over the last two epochs: not converged yet.
@@ -28,8 +32,9 @@ STILL_FALLING = 0.25
 
 @dataclass(frozen=True)
 class Diagnosis:
-    """``kind``: ``"over-fitting"``, ``"under-fitting"``, ``"still improving"``, ``"good fit"``
-    or ``"too short"``;
+    """``kind``: ``"over-fitting"``, ``"rising"`` (the validation loss has risen for fewer than
+    ``PATIENCE`` epochs: not yet evidence), ``"under-fitting"``, ``"still improving"``,
+    ``"good fit"`` or ``"too short"``;
     ``best_epoch`` has the lowest validation loss; ``text`` is the sentence to print."""
 
     kind: str
@@ -37,12 +42,32 @@ class Diagnosis:
     text: str
 
 
+def _risen(val: Sequence[float], b: int) -> bool:
+    return val[-1] > val[b] * (1 + RISE)
+
+
+def _over_fitting(val: Sequence[float], train: Sequence[float], b: int) -> bool:
+    """``PATIENCE`` or more epochs after the best one, their mean and the last validation loss
+    risen more than ``RISE`` above the best, while the training loss fell."""
+    after = val[b + 1 :]
+    window = sum(after) / max(len(after), 1)
+    return (
+        len(after) >= PATIENCE
+        and window > val[b] * (1 + RISE)
+        and _risen(val, b)
+        and train[-1] < train[b]
+    )
+
+
 def diagnose(history: History) -> Diagnosis:
     """Read over- or under-fitting off the per-epoch curves.
 
-    * over-fitting: the validation loss ended more than 10% above its minimum while the
-      training loss kept falling ("val loss rising since epoch 7 while train loss falls:
-      over-fitting; best epoch 6");
+    * over-fitting: ``PATIENCE`` (3) or more epochs after the best validation loss, and both
+      their mean and the last validation loss more than 10% above the best, while the
+      training loss kept falling ("val loss risen for 3 epochs after epoch 5 while train loss
+      falls: over-fitting; best epoch 5");
+    * rising: the last validation loss is 10% above the best, but fewer than ``PATIENCE``
+      epochs have passed: a noisy epoch or the start of over-fitting; more epochs tell;
     * under-fitting: training accuracy below 90% at the end (train longer, raise the learning
       rate);
     * still improving: the best validation loss is the last one and the training loss fell by
@@ -55,19 +80,16 @@ def diagnose(history: History) -> Diagnosis:
     train = [float(r["train_loss"]) for r in history]
     epochs = [int(r["epoch"]) for r in history]
     b = min(range(len(val)), key=val.__getitem__)
-    best = epochs[b]
-    last = history[-1]
-    tail = (
-        f"train acc {last['train_accuracy']:.1%}, val acc {last['val_accuracy']:.1%}; "
-        f"best epoch {best} (val loss {val[b]:.4f}, val acc {history[b]['val_accuracy']:.1%})"
-    )
-    if b < len(val) - 1 and val[-1] > val[b] * (1 + RISE) and train[-1] < train[b]:
+    best, last, n_after = epochs[b], history[-1], len(val) - 1 - b
+    at_best = f"best epoch {best} (val loss {val[b]:.4f}, val acc {history[b]['val_accuracy']:.1%})"
+    tail = f"train acc {last['train_accuracy']:.1%}, val acc {last['val_accuracy']:.1%}; {at_best}"
+    if _over_fitting(val, train, b):
         return Diagnosis(
             "over-fitting",
             best,
-            f"val loss rising since epoch {epochs[b + 1]} while train loss falls: over-fitting; "
-            f"best epoch {best} (val loss {val[b]:.4f}, val acc {history[b]['val_accuracy']:.1%}). "
-            "Keep the best params, stop earlier (--early-stopping) or get more data.",
+            f"val loss risen for {n_after} epochs after epoch {best} while train loss falls: "
+            f"over-fitting; {at_best}. Keep the best params, stop earlier (--early-stopping) "
+            "or get more data.",
         )
     if float(last["train_accuracy"]) < UNDERFIT_ACCURACY:
         return Diagnosis(
@@ -75,6 +97,14 @@ def diagnose(history: History) -> Diagnosis:
             best,
             f"train accuracy only {last['train_accuracy']:.1%} at epoch {epochs[-1]}: "
             f"under-fitting; train longer (--epochs) or raise --lr; {tail}",
+        )
+    if 0 < n_after < PATIENCE and _risen(val, b):
+        return Diagnosis(
+            "rising",
+            best,
+            f"val loss above its best for {n_after} epoch(s) after epoch {best}: too soon to "
+            f"call over-fitting (that takes {PATIENCE} epochs); more epochs tell a noisy epoch "
+            f"from over-fitting; {tail}",
         )
     if len(train) >= 3 and b == len(val) - 1 and train[-1] < train[-3] * (1 - STILL_FALLING):
         return Diagnosis(
@@ -88,8 +118,15 @@ def diagnose(history: History) -> Diagnosis:
 
 
 def write_metrics(history: History, path: str | os.PathLike) -> None:
-    """``metrics.jsonl``: one JSON object per epoch, rewritten whole (atomically)."""
-    text = "".join(json.dumps(dict(r), sort_keys=False) + "\n" for r in history)
+    """``metrics.jsonl``: one JSON object per epoch, rewritten whole (atomically). Only valid
+    JSON: a NaN or infinite value is written as ``null``."""
+
+    def valid(v: Any) -> Any:
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    text = "".join(
+        json.dumps({k: valid(v) for k, v in r.items()}, allow_nan=False) + "\n" for r in history
+    )
 
     def write(tmp: str) -> None:
         Path(tmp).write_text(text)
@@ -105,19 +142,25 @@ def plot_curves(
 
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
 
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.2))
-    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label=f"train {label}")
-        ax.plot(epochs, [r[f"val_{key}"] for r in history], "s-", label=f"val {label}")
+    for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        scale = 100.0 if key == "accuracy" else 1.0
+        for split, marker in (("train", "o-"), ("val", "s-")):
+            values = [r[f"{split}_{key}"] * scale for r in history]
+            ax.plot(epochs, values, marker, label=f"{split} {key}")
         if diagnosis.best_epoch:
             ax.axvline(diagnosis.best_epoch, color="grey", ls=":", label="best epoch")
         ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
+    ax_loss.set_ylabel("loss (log scale)")
     ax_loss.set_yscale("log")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.yaxis.set_major_formatter(PercentFormatter(100.0))
     fig.suptitle(_wrap(title or "jaxnet train", 110), fontsize=10)
     fig.text(0.5, 0.01, _wrap(diagnosis.text, 120), ha="center", va="bottom", fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 0.93))

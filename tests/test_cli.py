@@ -5,6 +5,7 @@ run the real library, which refuses them before any training."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import errno
 import json
@@ -618,3 +619,94 @@ def test_cli_bench_passes_its_options_and_writes_json(tmp_path, capsys, monkeypa
     results = json.loads(path.read_text())
     assert results["machine"]["malloc_tuned"] is False  # --malloc-defaults: left as it is
     assert [p.name for p in path.parent.iterdir()] == ["bench.json"]  # no temporary left
+
+
+# ---------------------------------------------------------------------------------------------
+# A CLI that explains itself: defaults, version, bare jaxnet, did-you-mean, plain output
+# ---------------------------------------------------------------------------------------------
+
+
+def _subparsers():
+    parser = build_parser()
+    return parser, cli._subparsers(parser)
+
+
+def test_every_help_shows_every_default(capsys) -> None:
+    _, subs = _subparsers()
+    for name, sub in subs.items():
+        text = " ".join(sub.format_help().split())  # argparse's line breaks undone
+        for action in sub._actions:
+            default = action.default
+            unset = default is None or default is False or default == argparse.SUPPRESS
+            if not action.option_strings or unset:  # 0 is a default; an unset flag is not
+                continue
+            flag = action.option_strings[-1]
+            assert action.help, f"jaxnet {name} {flag} has no help"
+            if "default" in action.help:  # the help says it in its own words
+                continue
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+            assert f"(default: {shown})" in text, f"jaxnet {name} {flag}"
+    assert "--workdir WORKDIR metrics, curves, checkpoints (default: runs/default)" in " ".join(
+        subs["train"].format_help().split()
+    )
+
+
+def test_version_and_bare_jaxnet(capsys) -> None:
+    from jaxnet.export import jaxnet_version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"jaxnet {jaxnet_version()}"
+    assert main([]) == 2  # nothing was run: a usage error, with the whole help to read
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: jaxnet") and "predict" in out and "exit status" in out
+    assert err == "jaxnet: error: a command is required (listed above)\n"
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [
+        ("--work-dir", "--workdir"),
+        ("--num_classes", "--num-classes"),
+        ("--learning-rate", "--lr"),
+        ("--batchsize=8", "--batch-size"),
+    ],
+)
+def test_misspelt_flags_get_the_subcommand_usage_and_a_guess(typo, meant, capsys) -> None:
+    assert main(["train", typo, "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: jaxnet train "), err
+    assert f"jaxnet train: error: unrecognized arguments: {typo}" in err
+    assert f"did you mean {meant} (for {typo.split('=')[0]})?" in err
+    assert main(["predict", "--data", "x", "--wieghts", "w.pt"]) == 2
+    assert "did you mean --weights" in capsys.readouterr().err
+    assert main(["train", "--zzz"]) == 2
+    assert "did you mean" not in capsys.readouterr().err  # nothing close: no guess
+
+
+def test_train_ends_with_the_workdir_and_its_files(tmp_path) -> None:
+    for name in ("metrics.jsonl", "curves.png", "checkpoints/best", "checkpoints/last"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "checkpoints" / "last").rmdir()  # say, an imported run
+    lines = cli._written(tmp_path, 5).splitlines()
+    assert lines[0] == f"workdir {tmp_path}:"
+    assert [line.split()[0] for line in lines[1:]] == [
+        str(tmp_path / n) for n in ("metrics.jsonl", "curves.png", "checkpoints/best")
+    ]
+    assert "epoch 5" in lines[3]
+
+
+def test_train_output_to_a_file_is_plain_lines(tmp_path, capsys) -> None:
+    """stdout not a terminal: no progress bars dumped at the end, no wrapping, no trailing
+    spaces; the end names every file written."""
+    workdir = tmp_path / "run"
+    argv = ["train", "--workdir", str(workdir), "--limit", "64", "--batch-size", "16"]
+    assert main([*argv, "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert not any(line != line.rstrip() for line in lines), out
+    assert "━" not in out and "samples/s" not in out  # no progress bar
+    (diagnosis,) = [line for line in lines if line.startswith("diagnosis: ")]
+    assert diagnosis.endswith(")") and len(diagnosis) > 80  # one line, not wrapped at 80
+    assert f"workdir {workdir}:" in out
+    for name in ("metrics.jsonl", "curves.png", "checkpoints/best", "checkpoints/last"):
+        assert f"  {workdir / name}  (" in out, name
