@@ -13,6 +13,7 @@ from jaxnet.convert import (
     params_to_torch,
 )
 from jaxnet.errors import JaxnetError
+from jaxnet.export import jaxnet_version
 from jaxnet.model import Net, summary
 from jaxnet.step import (
     TrainState,
@@ -27,7 +28,7 @@ from jaxnet.step import (
 from jaxnet.train import TrainConfig, evaluate, train_and_evaluate, train_epoch
 from jaxnet.validation import validate
 
-__version__ = "0.1.0"
+__version__ = jaxnet_version()  # pyproject.toml's, as installed
 
 __all__ = [
     "JaxnetError",
