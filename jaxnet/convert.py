@@ -36,6 +36,7 @@ __all__ = [
     "nchw_to_nhwc",
     "nhwc_to_nchw",
     "params_from_torch",
+    "read_state_dict",
     "to_nhwc_images",
     "params_to_torch",
     "torch_state_dict_shapes",
@@ -197,18 +198,48 @@ def _flax_shapes(num_classes: int) -> dict[tuple[str, str], tuple[int, ...]]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _plain_tensor(t: Any, key: str) -> Any:
+    """``t`` when it is a dense tensor holding values; ``WeightFileError`` naming the fix for
+    a sparse, meta (no values) or float8 one."""
+    import torch
+
+    if t.layout != torch.strided:
+        raise WeightFileError(
+            f"{key!r} is a sparse tensor ({t.layout}); save it dense (t.to_dense())."
+        )
+    if t.is_meta:
+        raise WeightFileError(
+            f"{key!r} is a meta tensor: it has a shape but no values (a model built on the "
+            "'meta' device); save the weights of a model that holds real values."
+        )
+    if t.dtype.is_floating_point and t.dtype.itemsize == 1:
+        raise WeightFileError(
+            f"{key!r} has dtype {t.dtype} (float8); jaxnet reads float16/bfloat16/float32/"
+            "float64 weights: save them with t.float()."
+        )
+    return t
+
+
 def _to_numpy(value: Any, key: str) -> np.ndarray:
     if type(value).__module__.startswith("torch"):
         import torch
 
         if not isinstance(value, torch.Tensor):
             raise WeightFileError(f"{key!r} is a {type(value).__name__}, not a tensor.")
-        t = value.detach().cpu()
+        t = _plain_tensor(value, key).detach().cpu()
         if t.dtype == torch.bfloat16:
             t = t.float()  # numpy has no bfloat16; float32 holds every bfloat16 exactly
         return t.numpy()
     if isinstance(value, np.ndarray | jax.Array | np.generic):
-        return np.asarray(value)
+        a = np.asarray(value)
+        if a.dtype.name == "bfloat16":  # ml_dtypes' (safetensors.numpy reads bf16 as it)
+            return a.astype(np.float32)  # exact, as for a bfloat16 torch.Tensor
+        if a.dtype.name.startswith("float8"):
+            raise WeightFileError(
+                f"{key!r} has dtype {a.dtype} (float8); jaxnet reads float16/bfloat16/float32/"
+                "float64 weights: save them as float32."
+            )
+        return a
     raise WeightFileError(
         f"{key!r} is a {type(value).__name__}; expected a torch.Tensor or a numpy array."
     )
@@ -226,9 +257,10 @@ def _load_pt(path: Path) -> Mapping[str, Any]:
         # weights_only=True: the file is data; a pickle that names code is refused, not run.
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise WeightFileError(
             f"{path} is not a PyTorch state_dict file that can be loaded safely "
-            f"(torch.load(..., weights_only=True) failed: {str(e).splitlines()[0]}). "
+            f"(torch.load(..., weights_only=True) failed: {why}). "
             "Save it with torch.save(net.state_dict(), path), not the whole module."
         ) from e
     if not isinstance(obj, Mapping):
@@ -249,6 +281,36 @@ def _load_safetensors(path: Path) -> Mapping[str, Any]:
             f"{path} is not a readable safetensors file ({e}). "
             "Write one with jaxnet.params_to_torch(params, path) or safetensors.torch.save_file."
         ) from e
+
+
+_STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "net")
+"""Where checkpoint dicts keep the model's ``state_dict``: PyTorch's tutorials save
+``{"epoch", "model_state_dict", "optimizer_state_dict", "loss"}``, Lightning ``state_dict``."""
+
+
+def _is_state_dict(obj: Mapping[str, Any]) -> bool:
+    return all(hasattr(v, "shape") and not isinstance(v, Mapping) for v in obj.values())
+
+
+def read_state_dict(
+    path: PathLike,
+) -> tuple[Mapping[str, Any], str | None, Mapping[str, Any]]:
+    """``(state_dict, key, whole)`` of a weight file: a ``.safetensors`` or ``.pt``/``.pth``
+    ``state_dict`` (``key`` None), or a ``.pt`` checkpoint dict whose model weights sit under
+    one of ``_STATE_DICT_KEYS`` (``key`` names it; ``whole`` is the whole dict, e.g. for its
+    ``optimizer_state_dict``). ``.pt`` files are read with ``weights_only=True``."""
+    whole = _load(path)
+    if _is_state_dict(whole):
+        return whole, None, whole
+    for key in _STATE_DICT_KEYS:
+        inner = whole.get(key)
+        if isinstance(inner, Mapping) and _is_state_dict(inner):
+            return inner, key, whole
+    raise WeightFileError(
+        f"{path} holds a dict with keys {sorted(map(str, whole))[:8]} but no model state_dict "
+        f"under any of {list(_STATE_DICT_KEYS)}; save torch.save(net.state_dict(), path), or "
+        "the dict with the weights under 'model_state_dict'."
+    )
 
 
 def _load(path: PathLike) -> Mapping[str, Any]:
@@ -328,8 +390,8 @@ def params_from_torch(
         naming a non-float or non-finite tensor, or an unreadable file.
     """
     if isinstance(state_dict_or_path, str | os.PathLike):
-        state_dict = _load(state_dict_or_path)
-        source = str(state_dict_or_path)
+        state_dict, key, _ = read_state_dict(state_dict_or_path)
+        source = str(state_dict_or_path) + (f" [{key!r}]" if key else "")
     elif isinstance(state_dict_or_path, Mapping):
         state_dict = state_dict_or_path
         source = "The state_dict"

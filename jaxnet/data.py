@@ -28,6 +28,8 @@ Every problem found in the data raises :class:`DataError` naming it and the fix.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import math
 import os
 import zipfile
 from collections.abc import Iterator
@@ -274,6 +276,11 @@ def load_npz(
         raise DataError(f"no data file at {p}.")
     if p.stat().st_size == 0:
         raise DataError(f"{p} is an empty file; write it with np.savez(path, x=images, y=labels).")
+    if not zipfile.is_zipfile(p):
+        raise DataError(
+            f"{p} is not a readable .npz file (not a zip archive of arrays; a .npy file holds "
+            "one array); write it with np.savez(path, x=images, y=labels)."
+        )
     try:
         # allow_pickle=False: the file is data, an object array naming code is refused.
         with np.load(p, allow_pickle=False) as f:
@@ -282,6 +289,12 @@ def load_npz(
         raise DataError(
             f"{p} is not a readable .npz file ({e}); write it with np.savez(path, x=..., y=...)."
         ) from None
+    not_arrays = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+    if not_arrays:
+        raise DataError(
+            f"{p}: the member(s) {not_arrays} are not .npy arrays; write the file with "
+            "np.savez(path, x=images, y=labels)."
+        )
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise DataError(
@@ -337,7 +350,7 @@ def read_idx(path: PathLike) -> np.ndarray:
         raise DataError(f"{p}: truncated IDX header.")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = _IDX_DTYPES[raw[2]]
-    want = int(np.prod(dims)) * dtype.itemsize
+    want = math.prod(dims) * dtype.itemsize  # Python ints: a huge header cannot overflow
     if len(raw) - header != want:
         raise DataError(
             f"{p}: the header announces shape {dims} ({want} bytes) but {len(raw) - header} "
@@ -408,6 +421,28 @@ def load_mnist_idx(
         f"MNIST IDX {root} (28x28 padded to 32x32), {_rule_text(num_classes, label_rule)}, {held}"
     )
     return _finish(*split, num_classes, desc, limit)
+
+
+def check_source(source: str | None) -> None:
+    """Raise ``DataError`` when ``source`` names no data ``load_data`` could read: neither
+    ``"digits"`` nor an existing file or folder (checked before anything is written)."""
+    if source in (None, "", "digits") or Path(source).exists():
+        return
+    raise DataError(
+        f"no data at {source}: give 'digits' (the default), a .npz file with x and y, or a "
+        "folder of MNIST IDX files."
+    )
+
+
+def fingerprint(ds: Dataset) -> str:
+    """SHA-256 of the data set's arrays (train and validation images and labels, as
+    ``load_data`` made them): equal only for the same examples, labels and split."""
+    h = hashlib.sha256()
+    for a in (ds.x_train, ds.y_train, ds.x_val, ds.y_val):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.view(np.uint8).data)
+    return h.hexdigest()
 
 
 def load_data(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 from jax.sharding import Mesh
@@ -31,7 +32,7 @@ from jaxnet.checkpoint import CheckpointError, Checkpoints
 from jaxnet.config import TrainConfig, check_train_config, config_to_json
 from jaxnet.criteria import Criterion, criterion
 from jaxnet.errors import EXIT_RUN_FAILED, ConfigError, JaxnetError
-from jaxnet.model import Net, init_params
+from jaxnet.model import Net, abstract_params, init_params
 from jaxnet.step import (
     Batch,
     TrainState,
@@ -43,7 +44,14 @@ from jaxnet.step import (
     train_step_donated,
     train_steps,
 )
-from jaxnet.workdir import check_resumable, checkpoints_of, import_params, load_params
+from jaxnet.workdir import (
+    WorkdirError,
+    check_resumable,
+    checkpoints_of,
+    import_params,
+    load_params,
+    locked,
+)
 
 __all__ = [
     "Batch",
@@ -342,6 +350,30 @@ class _Run:
         self.last_saved = step
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every value of every array in ``tree`` is finite (one fused reduction)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _check_finite_params(run: _Run, epoch: int) -> None:
+    """Raise ``NonFiniteLossError`` when the params are not all finite, before they become a
+    checkpoint: the loss guard sees each step's loss before its update, so an update that
+    overflows on an epoch's last step would otherwise be saved as ``last`` (and ``best``)."""
+    if bool(_all_finite(run.state.params)):
+        return
+    kept = (
+        f"the last good checkpoint (step {run.last_saved}) is kept in {run.ckpts.directory}"
+        if run.last_saved is not None
+        else "no epoch had finished, so no checkpoint was written"
+    )
+    raise NonFiniteLossError(
+        f"the params hold NaN or infinite values after step {int(run.state.step)} (epoch "
+        f"{epoch}); training stopped and they were not saved; {kept}. Lower --lr, or check "
+        "the data."
+    )
+
+
 @functools.cache
 def _net(num_classes: int, weight_init: str) -> Net:
     """One ``Net`` per configuration in a process: the jitted steps key their compiled code on
@@ -365,7 +397,8 @@ def _setup(config: TrainConfig, workdir: Path, mesh: Mesh) -> _Run:
     per_device = parallel.check_batch_size(config.batch_size, mesh)
     crit = criterion(config.loss)
     primary = parallel.is_primary()
-    console = Console(highlight=False, quiet=not primary)
+    # soft_wrap: lines are never hard-wrapped (a log file or a pipe gets whole lines).
+    console = Console(highlight=False, soft_wrap=True, quiet=not primary)
     ds = data.load_data(
         config.data,
         config.num_classes,
@@ -398,6 +431,7 @@ def _setup(config: TrainConfig, workdir: Path, mesh: Mesh) -> _Run:
         "num_val": len(ds.x_val),
         "num_classes": ds.num_classes,
         "description": ds.description,
+        "fingerprint": data.fingerprint(ds),
     }
     return _Run(
         config=config,
@@ -415,21 +449,25 @@ def _setup(config: TrainConfig, workdir: Path, mesh: Mesh) -> _Run:
     )
 
 
-def _fresh_state(run: _Run, mesh: Mesh) -> None:
+def _fresh_state(run: _Run, mesh: Mesh, params: Any = None) -> None:
+    """A new state from ``config.seed``: the params initialised, or ``params`` (imported)."""
     key = jax.random.key(run.config.seed)
     net = _net(run.ds.num_classes, run.config.weight_init)
-    run.state = create_train_state(key, net, run.state.tx, params=init_params(net, key))
+    params = init_params(net, key) if params is None else params
+    run.state = create_train_state(key, net, run.state.tx, params=params)
     if run.mesh is not None:  # every process made the same values from the same key
         run.state = parallel.replicate(run.state, mesh)
 
 
 def _resume(run: _Run, mesh: Mesh) -> None:
-    """Restore the newest ``last`` checkpoint into ``run`` (refusing changed settings)."""
+    """Restore the newest ``last`` checkpoint into ``run``, after checking its settings and
+    data against the run's (a mismatch is named, and nothing is read or changed)."""
+    _, meta = run.ckpts.read_meta("last")
+    check_resumable(meta, run.config, run.data_meta)
     target = serialization.to_state_dict(run.state)
     if run.mesh is not None:  # restored straight onto the mesh, replicated, in every process
         target = parallel.abstract_like(target, mesh)
     restored, meta = run.ckpts.restore_last(target)
-    check_resumable(meta, run.config, run.data_meta)
     run.state = serialization.from_state_dict(run.state, restored)
     run.last_saved = int(run.state.step)
     run.history = list(meta["history"])
@@ -444,39 +482,96 @@ def _resume(run: _Run, mesh: Mesh) -> None:
     )
 
 
+def _start_from_best(run: _Run, mesh: Mesh) -> None:
+    """``--resume`` in a workdir with a ``best`` but no ``last`` checkpoint (``jaxnet import``,
+    or a ``last/`` removed): a new run that starts from the ``best`` weights, which stay the
+    best until an epoch's validation loss beats theirs. Nothing is deleted."""
+    step, _ = run.ckpts.read_meta("best")
+    target = abstract_params(_net(run.ds.num_classes, run.config.weight_init))
+    params, _ = run.ckpts.restore_params(target, "best")
+    _fresh_state(run, mesh, params)
+    val = evaluate(run.state, run.ds.x_val, run.ds.y_val, run.criterion, 512, run.mesh)
+    if math.isfinite(val["loss"]):
+        run.best = {"epoch": 0, "val_loss": val["loss"]}
+    run.console.print(
+        f"no last checkpoint in {run.ckpts.directory}: starting a new run from the weights in "
+        f"{run.ckpts.directory / 'best' / str(step)} (val loss {val['loss']:.4f}); they stay "
+        "the best until an epoch beats them"
+    )
+
+
+def _start_afresh(run: _Run) -> None:
+    """``--overwrite``: delete the workdir's checkpoints (only jaxnet's: a foreign entry is
+    refused, naming it), metrics and curves."""
+    run.ckpts.clear()
+    if run.primary:
+        for name in ("metrics.jsonl", "curves.png"):
+            (run.workdir / name).unlink(missing_ok=True)
+
+
 def _start_or_resume(run: _Run, mesh: Mesh) -> None:
-    """Resume the run in the workdir, or clear it (``overwrite``) and start afresh."""
+    """Resume the run in the workdir (or start from its imported ``best``), or clear it
+    (``overwrite``) and start afresh. ``--resume`` never deletes anything."""
     ckpts, config = run.ckpts, run.config
     # Every process decides from the same folder before any of them changes it.
-    exists, never_completed = ckpts.exists(), ckpts.never_completed()
+    exists, has_last, has_best = (
+        ckpts.exists(),
+        bool(ckpts.steps("last")),
+        bool(ckpts.steps("best")),
+    )
+    foreign = ckpts.foreign()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"jaxnet-train-start:{ckpts.directory}")
-    if config.resume and exists and not never_completed:
+    if config.resume and has_last:
         _resume(run, mesh)
-    elif config.resume and exists:
-        run.console.print(
-            f"no complete checkpoint in {run.workdir} (stopped during its first epoch); "
-            "starting a new run"
+    elif config.resume and has_best:
+        _start_from_best(run, mesh)
+    elif config.resume and foreign:
+        raise CheckpointError(
+            f"cannot resume: {ckpts.directory} holds no jaxnet checkpoint (found "
+            f"{', '.join(foreign[:5])}). Point --workdir at a run of `jaxnet train`, or use a "
+            "new --workdir."
         )
-        ckpts.clear()
+    elif config.resume:
+        run.console.print(f"no complete checkpoint in {run.workdir}; starting a new run")
     elif exists:
         if not config.overwrite:
             raise CheckpointError(
                 f"{ckpts.directory} already holds checkpoints; pass --resume to continue "
                 "that run, --overwrite to start afresh, or choose another --workdir."
             )
-        ckpts.clear()
-        if run.primary:
-            for name in ("metrics.jsonl", "curves.png"):
-                (run.workdir / name).unlink(missing_ok=True)
-    elif config.resume:
-        run.console.print(f"nothing to resume in {run.workdir}; starting a new run")
-    if run.last_saved is None:
+        _start_afresh(run)
+    if isinstance(jax.tree.leaves(run.state.params)[0], jax.ShapeDtypeStruct):  # still abstract
         _fresh_state(run, mesh)
-    run.workdir.mkdir(parents=True, exist_ok=True)
     run.console.print(f"data: {run.ds.description}")
+
+
+@contextlib.contextmanager
+def _writer_lock(workdir: Path) -> Iterator[None]:
+    """Hold ``workdir``'s writer lock (``jaxnet.workdir.locked``) for the run. In a
+    multi-process run, process 0 holds it for all (they share the workdir) and every process
+    learns whether it got it, so that all stop together when it did not."""
+    if jax.process_count() == 1:
+        with locked(workdir):
+            yield
+        return
+    from jax.experimental import multihost_utils
+
+    with contextlib.ExitStack() as stack:
+        error: WorkdirError | None = None
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(locked(workdir))
+            except WorkdirError as e:
+                error = e
+        votes = multihost_utils.process_allgather(np.asarray(error is None, np.int32))
+        if error is not None:
+            raise error
+        if not np.all(votes):
+            raise WorkdirError(f"process 0 could not lock workdir {workdir}; see its message.")
+        yield
 
 
 def _train_one_epoch(run: _Run, stop: Callable[[], bool], bar: Any) -> EpochProgress | None:
@@ -517,6 +612,7 @@ def _train_one_epoch(run: _Run, stop: Callable[[], bool], bar: Any) -> EpochProg
         )
         raise NonFiniteLossError(f"{e}; {kept}. Lower --lr, or check the data.") from None
     run.partial = None
+    _check_finite_params(run, run.epoch)
     if not done:  # SIGINT/SIGTERM mid-epoch: save where we are
         run.save_last(run.epoch, progress, "running")
         return None
@@ -531,7 +627,9 @@ def _finish_epoch(run: _Run, progress: EpochProgress, probe: Batch | None, bar: 
         run.state, run.ds, config, run.criterion, epoch, progress, probe, run.mesh
     )
     run.history.append(record)
-    if run.best["val_loss"] is None or record["val_loss"] < run.best["val_loss"]:
+    # A non-finite validation loss is never the best (NaN compares False, inf would win).
+    finite = math.isfinite(record["val_loss"])
+    if finite and (run.best["val_loss"] is None or record["val_loss"] < run.best["val_loss"]):
         run.best = {"epoch": epoch, "val_loss": record["val_loss"]}
         run.ckpts.save_best(epoch, run.state.params, run.meta(epoch + 1, None, "running"))
     stop_early = config.early_stopping is not None and (
@@ -540,7 +638,10 @@ def _finish_epoch(run: _Run, progress: EpochProgress, probe: Batch | None, bar: 
     status = "early-stopped" if stop_early else "finished" if epoch == config.epochs else "running"
     run.save_last(epoch + 1, None, status)
     if run.primary:
-        report.write_metrics(run.history, run.workdir / "metrics.jsonl")
+        try:
+            report.write_metrics(run.history, run.workdir / "metrics.jsonl")
+        except OSError as e:  # a full disk: name the last good checkpoint, as a failed save does
+            raise run.ckpts.write_error(run.workdir / "metrics.jsonl", e) from e
     bar.console.print(_epoch_line(record))
     if stop_early:
         bar.console.print(
@@ -605,18 +706,13 @@ def train_and_evaluate(
     mesh = parallel.make_mesh() if mesh is None else mesh
     run = _setup(config, Path(workdir), mesh)
     flag = _StopFlag()
-    with run.ckpts:
+    # The lock outlives the checkpoints: close() waits for the saves in flight.
+    with _writer_lock(run.workdir), run.ckpts:
         _start_or_resume(run, mesh)
         try:
             _run_epochs(run, flag)
         finally:
-            if run.history and run.primary:
-                report.plot_curves(
-                    run.history,
-                    report.diagnose(run.history),
-                    run.workdir / "curves.png",
-                    title=f"jaxnet train: {run.ds.description}",
-                )
+            _plot_curves(run)
     diagnosis = report.diagnose(run.history)
     if run.status == "interrupted":
         run.console.print(
@@ -633,6 +729,22 @@ def train_and_evaluate(
         best_epoch=diagnosis.best_epoch,
         signal=flag.signal,
     )
+
+
+def _plot_curves(run: _Run) -> None:
+    """``curves.png`` of the history so far; a figure that cannot be written (a full disk) is
+    reported in one line and never hides why the run ended."""
+    if not (run.history and run.primary):
+        return
+    try:
+        report.plot_curves(
+            run.history,
+            report.diagnose(run.history),
+            run.workdir / "curves.png",
+            title=f"jaxnet train: {run.ds.description}",
+        )
+    except OSError as e:
+        run.console.print(f"could not write {run.workdir / 'curves.png'}: {e.strerror or e}")
 
 
 def _epoch_line(r: Mapping[str, Any]) -> str:
@@ -664,5 +776,6 @@ def _progress_bar(enabled: bool, console: Console) -> Any:
         TextColumn("{task.fields[sps]:,.0f} samples/s"),
         TimeElapsedColumn(),
         console=console,
-        disable=not enabled,
+        # Not a terminal (a file, a pipe): no bar, which rich would dump at the end.
+        disable=not enabled or not console.is_terminal,
     )

@@ -219,3 +219,59 @@ def test_written_files_get_the_umask_mode(tmp_path, torch_net):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_pytorch_checkpoint_dicts_load_their_model_weights(tmp_path, torch_net):
+    """The PyTorch tutorials' ``{"epoch", "model_state_dict", "optimizer_state_dict", ...}``
+    and Lightning's ``{"state_dict": ...}``: the weights under the key, which is named."""
+    from jaxnet.convert import read_state_dict
+
+    sd = torch_net.state_dict()
+    want = jaxnet.params_from_torch(sd)
+    opt = torch.optim.SGD(torch_net.parameters(), lr=0.1, momentum=0.9)
+    saved = {"epoch": 3, "model_state_dict": sd, "optimizer_state_dict": opt.state_dict()}
+    for key, whole in [
+        ("model_state_dict", {**saved, "loss": 0.25}),
+        ("state_dict", {"state_dict": sd}),
+    ]:
+        path = tmp_path / f"{key}.pt"
+        torch.save(whole, path)
+        _got, used, read = read_state_dict(path)
+        assert used == key and set(read) == set(whole)
+        jax.tree.map(np.testing.assert_array_equal, jaxnet.params_from_torch(path), want)
+    torch.save({"epoch": 3, "weights": sd}, tmp_path / "other.pt")
+    with pytest.raises(WeightFileError, match=r"keys \['epoch', 'weights'\].*model_state_dict"):
+        jaxnet.params_from_torch(tmp_path / "other.pt")
+
+
+def test_bfloat16_safetensors_load_like_bfloat16_pt(tmp_path, torch_net):
+    from safetensors.torch import save_file
+
+    bf16 = {k: v.to(torch.bfloat16).contiguous() for k, v in torch_net.state_dict().items()}
+    save_file(bf16, tmp_path / "w.safetensors")
+    torch.save(bf16, tmp_path / "w.pt")
+    from_st = jaxnet.params_from_torch(tmp_path / "w.safetensors")
+    jax.tree.map(
+        np.testing.assert_array_equal, from_st, jaxnet.params_from_torch(tmp_path / "w.pt")
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda t: t.to_sparse(), "sparse tensor"),
+        (lambda t: t.to(torch.float8_e4m3fn), "float8"),
+        (lambda t: torch.empty(t.shape, device="meta"), "meta tensor"),
+    ],
+)
+def test_sparse_float8_and_meta_tensors_are_refused_by_name(torch_net, make, message):
+    sd = dict(torch_net.state_dict())
+    sd["fc2.bias"] = make(sd["fc2.bias"])
+    with pytest.raises(WeightFileError, match=rf"'fc2\.bias'.*{message}"):
+        jaxnet.params_from_torch(sd)
+
+
+def test_an_empty_pt_file_is_refused_by_name(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(WeightFileError, match=r"empty\.pt is not a PyTorch state_dict file"):
+        jaxnet.params_from_torch(tmp_path / "empty.pt")

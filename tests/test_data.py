@@ -12,7 +12,9 @@ from jaxnet import nhwc_to_nchw
 from jaxnet.data import (
     DataError,
     batches,
+    check_source,
     epoch_permutation,
+    fingerprint,
     load_data,
     load_mnist_idx,
     load_npz,
@@ -180,3 +182,39 @@ def test_batches_are_a_pure_function_of_seed_and_epoch():
     resumed = [b[1] for b in batches(x, y, 8, seed=3, epoch=2, start=4)]
     np.testing.assert_array_equal(np.concatenate(resumed), np.concatenate(first[4:]))
     np.testing.assert_array_equal(epoch_permutation(3, 2, 50)[:48], np.concatenate(first))
+
+
+def test_a_npy_file_or_a_zip_of_non_arrays_is_refused_by_name(tmp_path: Path):
+    np.save(tmp_path / "x.npy", GOOD_X)
+    with pytest.raises(DataError, match=r"x\.npy is not a readable \.npz file.*\.npy file holds"):
+        load_data(str(tmp_path / "x.npy"))
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "odd.npz", "w") as z:
+        z.writestr("x.npy", b"not an array")
+        z.writestr("y.npy", b"nor this")
+    with pytest.raises(DataError, match=r"odd\.npz: the member\(s\) \['x', 'y'\] are not"):
+        load_data(str(tmp_path / "odd.npz"))
+
+
+def test_an_overflowing_idx_header_names_the_file(tmp_path: Path):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + (2**31).to_bytes(4, "big") * 3 + bytes(10))
+    with pytest.raises(DataError, match=rf"{path.name}: the header announces shape"):
+        read_idx(path)
+
+
+def test_fingerprint_sees_one_changed_label(tmp_path: Path):
+    y = GOOD_Y.copy()
+    np.savez(tmp_path / "a.npz", x=GOOD_X, y=y)
+    y[0] = 1 - y[0]
+    np.savez(tmp_path / "b.npz", x=GOOD_X, y=y)
+    a, again, b = (load_data(str(tmp_path / n)) for n in ("a.npz", "a.npz", "b.npz"))
+    assert fingerprint(a) == fingerprint(again) != fingerprint(b)
+
+
+def test_check_source_names_missing_data(tmp_path: Path):
+    check_source("digits")
+    check_source(str(tmp_path))
+    with pytest.raises(DataError, match=r"no data at .*none\.npz"):
+        check_source(str(tmp_path / "none.npz"))

@@ -192,6 +192,28 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     assert (tmp_path / "curves.png").exists()
 
 
+def test_non_finite_params_after_an_epochs_last_step_are_never_saved(tmp_path, monkeypatch):
+    """The loss guard sees each step's loss before its update: params that overflow on an
+    epoch's last step (finite loss) must still never become ``last`` or ``best``."""
+    real_step = train_mod.train_step
+
+    def inf_params_at_step_8(state, batch, criterion):
+        new_state, metrics = real_step(state, batch, criterion)
+        if int(new_state.step) == 8:  # the last of epoch 1's 8 steps
+            params = jax.tree.map(lambda a: a * np.float32("inf"), new_state.params)
+            new_state = new_state.replace(params=params)
+        return new_state, metrics
+
+    monkeypatch.setattr(train_mod, "train_step", inf_params_at_step_8)
+    with pytest.raises(
+        NonFiniteLossError, match=r"params hold NaN or infinite values after step 8 \(epoch 1\)"
+    ):
+        train_and_evaluate(SMALL, tmp_path)
+    with Checkpoints(tmp_path / "checkpoints", read_only=True) as ckpts:
+        assert ckpts.steps("last") == [] and ckpts.steps("best") == []
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_diverging_learning_rate_is_caught(tmp_path: Path):
     with pytest.raises(NonFiniteLossError, match=r"at step \d+ \(epoch 1.*Lower --lr"):
         train_and_evaluate(small(lr=1e12, epochs=1), tmp_path)
@@ -220,8 +242,9 @@ def test_foreign_and_corrupt_checkpoint_dirs(copy_of_reference: Path, tmp_path: 
     foreign = tmp_path / "foreign"
     (foreign / "checkpoints" / "something").mkdir(parents=True)
     (foreign / "checkpoints" / "model.pkl").write_bytes(b"\x80\x04junk")
-    with pytest.raises(CheckpointError, match="not a jaxnet checkpoint folder"):
+    with pytest.raises(CheckpointError, match=r"holds no jaxnet checkpoint.*model\.pkl"):
         train_and_evaluate(small(resume=True), foreign)
+    assert (foreign / "checkpoints" / "model.pkl").read_bytes() == b"\x80\x04junk"
     # A real orbax checkpoint without jaxnet's meta is foreign too.
     import orbax.checkpoint as ocp
 

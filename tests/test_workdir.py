@@ -15,7 +15,7 @@ import jaxnet
 from jaxnet import Net, nhwc_to_nchw
 from jaxnet.checkpoint import CheckpointError
 from jaxnet.config import RESUMABLE_CHANGES, TrainConfig, config_from_json, config_to_json
-from jaxnet.data import load_data
+from jaxnet.data import DataError, load_data
 from jaxnet.workdir import check_resumable, import_params, load_params
 
 torch = pytest.importorskip("torch")
@@ -118,3 +118,23 @@ def test_resume_check_names_every_change():
         check_resumable(meta, changed, {"num_train": 1})
     with pytest.raises(CheckpointError, match="the data differs"):
         check_resumable(meta, config, {"num_train": 2})
+
+
+def test_import_checks_its_data_before_writing(tmp_path: Path, torch_net):
+    weights = tmp_path / "w.pt"
+    torch.save(torch_net.state_dict(), weights)
+    with pytest.raises(DataError, match=r"no data at .*none\.npz"):
+        import_params(weights, tmp_path / "run", TrainConfig(data=str(tmp_path / "none.npz")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_check_compares_the_data_fingerprint():
+    config = TrainConfig()
+    data = {"num_train": 8, "fingerprint": "aaaa"}
+    meta = {"config": config_to_json(config), "data": data}
+    check_resumable(meta, config, data)
+    with pytest.raises(CheckpointError, match="fingerprint: the run's 'aaaa', now 'bbbb'"):
+        check_resumable(meta, config, {**data, "fingerprint": "bbbb"})
+    # A format-1 checkpoint has no fingerprint: its data is compared without one.
+    old = {"config": config_to_json(config), "data": {"num_train": 8}}
+    check_resumable(old, config, {**data, "fingerprint": "bbbb"})
