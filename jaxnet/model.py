@@ -150,7 +150,14 @@ def abstract_params(net: Net) -> Any:
 
 
 def summary(net: Net | None = None, batch_size: int = 1) -> str:
-    """A layer table (shapes, parameter counts) like the tutorial's ``print(net)``."""
+    """The layer table of ``net`` (default ``Net()``) for a ``(batch_size, 32, 32, 1)`` input:
+    each module's input and output shapes and parameter counts, and the total (6,456,942 for
+    two classes), like the tutorial's ``print(net)``.
+
+    Returns the table as a string (``print(jaxnet.summary())``); ``jaxnet summary`` prints it.
+    Flax's ``tabulate`` records every method's return value as a shape, so ``Net``'s methods
+    return arrays only (see ``_initializers``).
+    """
     net = net if net is not None else Net()
     x = jnp.zeros((batch_size, IMAGE_SIZE, IMAGE_SIZE, IN_CHANNELS), jnp.float32)
     return net.tabulate(

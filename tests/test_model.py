@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -94,11 +95,20 @@ def test_flax_init_option():
         init_params(jaxnet.Net(weight_init="kaiming"), jax.random.key(0))
 
 
-def test_summary_lists_layers_and_count():
-    text = jaxnet.summary()
+def test_summary_returns_the_table_without_a_warning():
+    """No warning at all, and so not JAX's "shape requires ndarray or scalar arguments, got
+    <class 'function'>" deprecation (an error in a coming JAX), which a ``Net`` method
+    returning functions made ``tabulate`` raise."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = jaxnet.summary()
+        ten = jaxnet.summary(jaxnet.Net(num_classes=10), batch_size=4)
+    assert [str(w.message) for w in caught] == []
+    assert isinstance(text, str)
     for layer in FAN_IN:
         assert layer in text
     assert "6,456,942" in text
+    assert "float32[4,32,32,1]" in ten and "float32[4,10]" in ten
 
 
 @pytest.mark.parametrize(
