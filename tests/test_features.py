@@ -42,3 +42,27 @@ def test_draw_features_writes_a_png(reference_run, tmp_path: Path):
     with pytest.raises(ConfigError, match=r"--index must lie in \[0, 32\) for the val split"):
         draw_features(workdir, tmp_path / "x.png", index=32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "t.png"]
+
+
+def test_features_png_shows_the_prediction_and_colour_bars(reference_run, tmp_path, monkeypatch):
+    """The figure names the predicted class with its probability (``jaxnet.inference``'s), the
+    classes as the run's metadata names them, and one colour bar per conv layer."""
+    import jaxnet.features
+    from jaxnet.export import run_info
+    from jaxnet.inference import predict
+
+    figures = []
+    monkeypatch.setattr(jaxnet.features, "save_figure", lambda fig, path, dpi: figures.append(fig))
+    workdir, _ = reference_run
+    draw_features(workdir, tmp_path / "f.png", index=5)
+    (fig,) = figures
+    params, info = run_info(workdir)
+    x = load_data(limit=SMALL.limit).x_val[5:6]
+    p = predict(params, x)
+    k = int(p.classes[0])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert f"predicted class {k} (p = {p.probabilities[0, k]:.3f})" in titles
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert info.classes in texts
+    bars = sorted(ax.get_ylabel() for ax in fig.axes if ax.get_ylabel().endswith("activation"))
+    assert bars == ["conv1 activation", "conv2 activation"]
