@@ -210,6 +210,35 @@ def _one_cycle_phases(
     ]
 
 
+def _one_cycle_schedule(
+    T: int,
+    phases: list[tuple[float, float, float, float, float]],
+    which: int,
+    anneal_strategy: str,
+) -> optax.Schedule:
+    """OneCycleLR's lr (``which=1``) or momentum (``which=3``) over ``phases``."""
+
+    def anneal(start: float, end: float, pct: jax.Array) -> jax.Array:
+        if anneal_strategy == "cos":
+            return end + (start - end) / 2.0 * (jnp.cos(jnp.asarray(math.pi, pct.dtype) * pct) + 1)
+        return (end - start) * pct + start
+
+    def schedule(count: jax.Array) -> jax.Array:
+        step = jnp.asarray(count, jnp.int32).astype(_float())
+        value = jnp.asarray(jnp.nan, _float())
+        # torch takes the first phase with step <= end_step (the last one otherwise): fill
+        # from the last phase backwards so that earlier phases win.
+        start_steps = [0.0] + [p[0] for p in phases[:-1]]
+        for i in reversed(range(len(phases))):
+            end_step = phases[i][0]
+            pct = (step - start_steps[i]) / (end_step - start_steps[i])
+            v = anneal(phases[i][which], phases[i][which + 1], pct)
+            value = v if i == len(phases) - 1 else jnp.where(step <= end_step, v, value)
+        return jnp.where(step <= T, value, jnp.nan)
+
+    return schedule
+
+
 def one_cycle_lr(
     max_lr: float,
     total_steps: int | None = None,
@@ -255,26 +284,8 @@ def one_cycle_lr(
         three_phase,
     )
 
-    def anneal(start: float, end: float, pct: jax.Array) -> jax.Array:
-        if anneal_strategy == "cos":
-            return end + (start - end) / 2.0 * (jnp.cos(jnp.asarray(math.pi, pct.dtype) * pct) + 1)
-        return (end - start) * pct + start
-
     def make(which: int) -> optax.Schedule:
-        def schedule(count: jax.Array) -> jax.Array:
-            step = jnp.asarray(count, jnp.int32).astype(_float())
-            value = jnp.asarray(jnp.nan, _float())
-            # torch takes the first phase with step <= end_step (the last one otherwise): fill
-            # from the last phase backwards so that earlier phases win.
-            start_steps = [0.0] + [p[0] for p in phases[:-1]]
-            for i in reversed(range(len(phases))):
-                end_step = phases[i][0]
-                pct = (step - start_steps[i]) / (end_step - start_steps[i])
-                v = anneal(phases[i][which], phases[i][which + 1], pct)
-                value = v if i == len(phases) - 1 else jnp.where(step <= end_step, v, value)
-            return jnp.where(step <= T, value, jnp.nan)
-
-        return schedule
+        return _one_cycle_schedule(T, phases, which, anneal_strategy)
 
     return OneCycle(lr=make(1), momentum=make(3) if cycle_momentum else None)
 

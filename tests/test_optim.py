@@ -70,8 +70,9 @@ F32_CASES = [
     c
     for c in ref.CASES
     if c[0] in ("adagrad", "adamax", "nadam", "radam", "adadelta")
+    and (len(c[1]) > 2 or c[2] == "one_cycle_lr")  # the cases with the most options set
     # NAdam's L2 decay on the dead units is chaotic: torch's own two float64 implementations
-    # (for-loop, foreach) end 1.2e-5 apart; no float32 floor is meaningful there.
+    # (for-loop, foreach) end 4.5e-7 apart; no float32 floor is meaningful there.
     and not (c[0] == "nadam" and "weight_decay" in c[1] and "decoupled_weight_decay" not in c[1])
 ]
 
@@ -138,7 +139,7 @@ def test_radam_rho_is_exact_in_float32() -> None:
         np.testing.assert_allclose(ours, want, rtol=8 * np.finfo(np.float32).eps, atol=0)
 
 
-@pytest.mark.parametrize("cls", ["sgd", "adam", "rmsprop", "nadam", "radam", "adamax"])
+@pytest.mark.parametrize("cls", ["sgd", "adam", "rmsprop"])  # the others: F32_CASES
 def test_one_cycle_cycles_momentum_or_beta1(cls) -> None:
     kwargs = {"lr": 0.1, "momentum": 0.9} if cls in ("sgd", "rmsprop") else {"lr": 0.01}
     check(optim.resolve(cls, kwargs, "one_cycle_lr", {"total_steps": STEPS}))
