@@ -99,15 +99,17 @@ def _with_schedules(
 
 def _check_lr(lr: ScalarOrSchedule) -> None:
     if not callable(lr) and not lr >= 0.0:
-        raise ConfigError(f"Invalid learning rate: {lr}")
+        raise ConfigError(f"Invalid learning rate: {lr}; give a value >= 0.")
 
 
 def _check_range(name: str, value: Any, low: float, high: float | None = None) -> None:
-    """torch's argument checks (``0 <= value`` or ``0 <= value < high``); schedules pass."""
+    """torch's argument checks (``0 <= value`` or ``0 <= value < high``) with torch's message,
+    then what to give instead; schedules pass."""
     if callable(value):
         return
     if not low <= value or (high is not None and not value < high):
-        raise ConfigError(f"Invalid {name}: {value}")
+        want = f">= {low:g}" if high is None else f"in [{low:g}, {high:g})"
+        raise ConfigError(f"Invalid {name}: {value}; give a value {want}.")
 
 
 class DampenedMomentumState(NamedTuple):
@@ -778,7 +780,7 @@ def adadelta(
     """
     _check_lr(lr)
     if not callable(rho) and not 0.0 <= rho <= 1.0:
-        raise ConfigError(f"Invalid rho value: {rho}")
+        raise ConfigError(f"Invalid rho value: {rho}; give a value in [0, 1].")
     _check_range("epsilon value", eps, 0.0)
     _check_range("weight_decay value", weight_decay, 0.0)
     direction = optax.scale_by_adadelta(rho=rho, eps=eps)
