@@ -381,9 +381,11 @@ def reduce_lr_on_plateau(
     if factor >= 1.0:
         raise ConfigError("Factor should be < 1.0.")
     if mode not in {"min", "max"}:
-        raise ConfigError("mode " + str(mode) + " is unknown!")
+        raise ConfigError("mode " + str(mode) + " is unknown! Give 'min' or 'max'.")
     if threshold_mode not in {"rel", "abs"}:
-        raise ConfigError("threshold mode " + str(threshold_mode) + " is unknown!")
+        raise ConfigError(
+            "threshold mode " + str(threshold_mode) + " is unknown! Give 'rel' or 'abs'."
+        )
     return ReduceLROnPlateau(
         mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps
     )

@@ -246,4 +246,4 @@ def test_plateau_rejects_what_torch_rejects(kwargs) -> None:
         S.ReduceLROnPlateau(opt, **kwargs)
     with pytest.raises(ValueError) as ours:
         schedules.reduce_lr_on_plateau(0.1, **kwargs)
-    assert str(ours.value) == str(theirs.value)
+    assert str(ours.value).startswith(str(theirs.value))  # then what to give instead
