@@ -15,6 +15,7 @@ from jaxnet.convert import (
 from jaxnet.errors import JaxnetError
 from jaxnet.export import jaxnet_version
 from jaxnet.model import Net, summary
+from jaxnet.optstate import opt_state_from_torch, opt_state_to_torch
 from jaxnet.step import (
     TrainState,
     create_train_state,
@@ -45,6 +46,8 @@ __all__ = [
     "losses",
     "nchw_to_nhwc",
     "nhwc_to_nchw",
+    "opt_state_from_torch",
+    "opt_state_to_torch",
     "optim",
     "params_from_torch",
     "params_to_torch",
