@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_labels", "cross_entropy", "kl_div", "l1_loss", "mse_loss"]
+from jaxnet.errors import ConfigError, JaxnetError
+
+__all__ = ["LossDtypeError", "check_labels", "cross_entropy", "kl_div", "l1_loss", "mse_loss"]
 
 Array = jax.Array
 ArrayLike = Any
@@ -22,14 +24,22 @@ ArrayLike = Any
 _REDUCTIONS = ("none", "mean", "sum")
 
 
+class LossDtypeError(JaxnetError, TypeError):
+    """An argument of a loss has a dtype it cannot take (integer logits, float class indices);
+    the message names the conversion."""
+
+
 def _check_reduction(name: str, reduction: str, allowed: tuple[str, ...] = _REDUCTIONS) -> None:
     if reduction not in allowed:
-        raise ValueError(f"{name}: reduction must be one of {allowed}, got {reduction!r}.")
+        raise ConfigError(
+            f"{name}: {reduction} is not a valid value for reduction; use one of "
+            f"{', '.join(repr(r) for r in allowed)}."
+        )
 
 
 def _check_float(name: str, what: str, x: ArrayLike) -> None:
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise TypeError(
+        raise LossDtypeError(
             f"{name}: {what} must be floating point, got dtype {jnp.result_type(x)}. "
             f"Convert it with {what}.astype(jnp.float32)."
         )
@@ -37,7 +47,7 @@ def _check_float(name: str, what: str, x: ArrayLike) -> None:
 
 def _check_same_shape(name: str, input: ArrayLike, target: ArrayLike) -> None:
     if jnp.shape(input) != jnp.shape(target):
-        raise ValueError(
+        raise ConfigError(
             f"{name}: target shape {jnp.shape(target)} differs from input shape "
             f"{jnp.shape(input)}; they must match (torch would broadcast with a warning, "
             "which is almost always a bug)."
@@ -116,53 +126,32 @@ def cross_entropy(
       target: either integer class indices of ``input``'s shape without the class axis
         (values in ``[0, C)`` or ``ignore_index``), or class probabilities of ``input``'s shape.
       weight: optional ``(C,)`` rescaling weight per class.
-      ignore_index: with index targets, entries equal to it contribute nothing.
+      ignore_index: with index targets, entries equal to it contribute nothing. With
+        probability targets it must stay negative (torch refuses it there).
       reduction: ``"mean"`` (with index targets: divided by the summed weight of the
-        non-ignored targets; with probabilities: by the number of samples), ``"sum"``,
-        ``"none"``.
+        non-ignored targets; with probabilities: by the number of samples ``N * d1 * ...``),
+        ``"sum"``, ``"none"`` (the shape of ``input`` without the class axis).
       label_smoothing: mixes the target with the uniform distribution:
         ``(1 - eps) * target + eps / C``.
+
+    A ``"mean"`` over targets that are all ``ignore_index`` is NaN (0/0) with zero gradients,
+    as in torch: such a batch moves no parameter.
     """
-    _check_reduction("cross_entropy", reduction)
-    _check_float("cross_entropy", "input", input)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(
-            f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}."
-        )
-    input = jnp.asarray(input)
-    if input.ndim == 0:
-        raise ValueError("cross_entropy: input must have a class axis, got a scalar.")
+    input = _check_cross_entropy_input(input, reduction, label_smoothing)
     class_axis = 1 if input.ndim >= 2 else 0
     num_classes = input.shape[class_axis]
-    if weight is not None:
-        weight = jnp.asarray(weight)
-        if weight.shape != (num_classes,):
-            raise ValueError(
-                f"cross_entropy: weight must have shape ({num_classes},), got {weight.shape}."
-            )
-        _check_float("cross_entropy", "weight", weight)
-        w_bcast = weight.reshape((num_classes,) + (1,) * (input.ndim - class_axis - 1))
-    else:
-        w_bcast = None
+    weight = _check_class_weight(weight, num_classes)
+    w_bcast = (
+        None
+        if weight is None
+        else weight.reshape((num_classes,) + (1,) * (input.ndim - class_axis - 1))
+    )
     logp = jax.nn.log_softmax(input, axis=class_axis)
-
-    target_shape = tuple(jnp.shape(target))
-    if target_shape == input.shape and jnp.issubdtype(jnp.result_type(target), jnp.floating):
+    if _is_probability_target(input, target, ignore_index):
         return _cross_entropy_probabilities(
             logp, jnp.asarray(target), w_bcast, class_axis, reduction, label_smoothing
         )
-    index_shape = input.shape[:class_axis] + input.shape[class_axis + 1 :]
-    if target_shape != index_shape:
-        raise ValueError(
-            f"cross_entropy: for logits of shape {input.shape} the target must be class indices "
-            f"of shape {index_shape} or probabilities of shape {input.shape}; got {target_shape}."
-        )
-    if not jnp.issubdtype(jnp.result_type(target), jnp.integer):
-        raise TypeError(
-            f"cross_entropy: class-index targets must be integers, got dtype "
-            f"{jnp.result_type(target)}; use target.astype(jnp.int32) (or give probabilities of "
-            f"shape {input.shape})."
-        )
+    _check_index_target(input, target, class_axis)
     check_labels(target, num_classes, ignore_index)
     return _cross_entropy_indices(
         logp,
@@ -174,6 +163,86 @@ def cross_entropy(
         reduction,
         label_smoothing,
     )
+
+
+def _check_cross_entropy_input(input: ArrayLike, reduction: str, label_smoothing: float) -> Array:
+    """``input`` as an array, after the checks that need nothing else (torch's messages)."""
+    _check_reduction("cross_entropy", reduction)
+    _check_float("cross_entropy", "input", input)
+    if not 0.0 <= label_smoothing <= 1.0:
+        # torch checks only the upper bound; a negative smoothing is refused here too.
+        raise ConfigError(
+            f"cross_entropy: label_smoothing must be between 0.0 and 1.0. Got: "
+            f"{label_smoothing}. Use 0 for none, 0.1 is common."
+        )
+    input = jnp.asarray(input)
+    if input.ndim == 0:
+        raise ConfigError(
+            "cross_entropy: input must have a class axis, got a scalar; give logits of shape "
+            "(C,), (N, C) or (N, C, d1, ...)."
+        )
+    return input
+
+
+def _check_class_weight(weight: ArrayLike | None, num_classes: int) -> Array | None:
+    if weight is None:
+        return None
+    weight = jnp.asarray(weight)
+    if weight.shape != (num_classes,):
+        raise ConfigError(
+            f"cross_entropy: weight tensor should be defined either for all {num_classes} "
+            f"classes or no classes but got weight tensor of shape: {list(weight.shape)}. "
+            f"Give one weight per class, shape ({num_classes},)."
+        )
+    _check_float("cross_entropy", "weight", weight)
+    return weight
+
+
+def _is_probability_target(input: Array, target: ArrayLike, ignore_index: int) -> bool:
+    """True for class-probability targets (``input``'s shape); raises torch's errors for an
+    integer target of that shape and for probabilities with a non-negative ``ignore_index``."""
+    if tuple(jnp.shape(target)) != input.shape:
+        return False
+    dtype = jnp.result_type(target)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise LossDtypeError(
+            f"cross_entropy: Expected floating point type for target with class "
+            f"probabilities, got {dtype}. A target of the logits' shape {input.shape} holds "
+            "probabilities: convert it with target.astype(input.dtype)."
+        )
+    if ignore_index >= 0:
+        raise ConfigError(
+            "cross_entropy: ignore_index is not supported for floating point target "
+            f"(got ignore_index={ignore_index}). Leave ignore_index at its default (-100) "
+            "with probability targets, or give class indices."
+        )
+    return True
+
+
+def _check_index_target(input: Array, target: ArrayLike, class_axis: int) -> None:
+    """Class-index targets: ``input``'s shape without the class axis, integer dtype."""
+    index_shape = input.shape[:class_axis] + input.shape[class_axis + 1 :]
+    target_shape = tuple(jnp.shape(target))
+    if target_shape != index_shape:
+        if input.ndim >= 2 and len(target_shape) >= 1 and target_shape[0] != input.shape[0]:
+            problem = (
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                f"({target_shape[0]})"
+            )
+        elif input.ndim == 2 and len(target_shape) >= 2:
+            problem = "0D or 1D target tensor expected, multi-target not supported"
+        else:
+            problem = f"Expected target size {list(index_shape)}, got {list(target_shape)}"
+        raise ConfigError(
+            f"cross_entropy: {problem}. For logits of shape {input.shape} the target must be "
+            f"class indices of shape {index_shape} or probabilities of shape {input.shape}."
+        )
+    dtype = jnp.result_type(target)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise LossDtypeError(
+            f"cross_entropy: class-index targets must be integers, got dtype {dtype}; use "
+            f"target.astype(jnp.int32) (or give probabilities of shape {input.shape})."
+        )
 
 
 def _cross_entropy_probabilities(
@@ -216,32 +285,31 @@ def _cross_entropy_indices(
         class_axis,
     )
     w_target = jnp.ones_like(picked) if weight is None else weight[safe]
-    w_target = jnp.where(kept, w_target, 0.0)
-    nll = -w_target * picked
+    w_target = jnp.where(kept, w_target, 0)
+    # where, not a product with the zero weight: an ignored target's gradient is exactly 0
+    # even when the mean's 1/denominator is inf (zero total weight), as in torch.
+    nll = jnp.where(kept, -w_target * picked, 0)
     if label_smoothing > 0:
         smooth = -jnp.sum(logp if weight is None else logp * w_bcast, axis=class_axis)
-        smooth = jnp.where(kept, smooth, 0.0)
+        smooth = jnp.where(kept, smooth, 0)
     # A traced out-of-range label poisons the loss instead of reading a clamped logit.
-    poison = jnp.where(kept & ~in_range, jnp.nan, 0.0)
-    nll = nll + poison
-    if reduction == "none":
-        if label_smoothing > 0:
-            return (1 - label_smoothing) * nll + (label_smoothing / num_classes) * smooth
+    nll = _reduce_kept(jnp.where(kept & ~in_range, jnp.nan, nll), w_target, kept, reduction)
+    if label_smoothing == 0:
         return nll
-    if reduction == "sum":
-        total = jnp.sum(nll)
-        if label_smoothing > 0:
-            total = (1 - label_smoothing) * total + (label_smoothing / num_classes) * jnp.sum(
-                smooth
-            )
-        return total
-    denom = jnp.sum(w_target)  # torch: summed weight of non-ignored targets (0/0 -> NaN)
-    mean = jnp.sum(nll) / denom
-    if label_smoothing > 0:
-        mean = (1 - label_smoothing) * mean + (label_smoothing / num_classes) * (
-            jnp.sum(smooth) / denom
-        )
-    return mean
+    smooth = _reduce_kept(smooth, w_target, kept, reduction)
+    return (1 - label_smoothing) * nll + (label_smoothing / num_classes) * smooth
+
+
+def _reduce_kept(values: Array, w_target: Array, kept: Array, reduction: str) -> Array:
+    """``reduction`` of per-target ``values``; the mean divides by the summed weight of the
+    kept targets (``w_target``, 0 where ignored), as torch's ``nll_loss`` does."""
+    if reduction != "mean":
+        return _reduce(values, reduction)
+    # Every target ignored: torch's loss is NaN (0/0) but its gradients are 0, since no
+    # target contributes one. Dividing by a safe 1 and then selecting NaN keeps the inf of
+    # 1/0 out of the backward pass (a plain 0/0 gives NaN gradients to every logit).
+    empty = ~jnp.any(kept)
+    return jnp.where(empty, jnp.nan, jnp.sum(values) / jnp.where(empty, 1, jnp.sum(w_target)))
 
 
 def kl_div(

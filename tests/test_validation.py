@@ -18,6 +18,7 @@ from jaxnet.data import DataError
 from jaxnet.errors import ConfigError
 from jaxnet.validation import (
     DEFAULT_DRIFT_FACTOR,
+    DEFAULT_FLOAT64_TOLERANCE,
     DEFAULT_STEP_FACTOR,
     ValidateConfig,
     dataset_stream,
@@ -69,6 +70,67 @@ def test_short_run_is_equal_and_records_every_step(tmp_path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_printed_table_marks_clamped_floors_and_labels_the_time() -> None:
+    from rich.console import Console
+
+    r = jaxnet.validate(steps=2, optimizer_options={"lr": 0.01}, **FAST)
+    console = Console(record=True, width=200, force_terminal=False)
+    r.print(console)
+    text = console.export_text()
+    rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(row[0]) for row in rows] == [1, 2]
+    for row, floor in zip(rows, r.noise_floor(), strict=True):
+        # The floor is printed as measured; below 2^-24 it is starred and the ratio uses 2^-24.
+        assert row[-2].endswith("*") == (floor < 2.0**-24)
+        assert float(row[-1]) == pytest.approx(float(row[-3]) / max(floor, 2.0**-24), abs=0.01)
+    assert "marked * and the ratio divides by 5.96e-08 instead" in text
+    assert "time: " in text and " s wall for the whole validation" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# float64: jaxnet float64 against PyTorch float64, to round-off
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_float64_check_passes_with_round_off_only(tmp_path, capsys) -> None:
+    from jaxnet.cli import main
+
+    js, png = tmp_path / "v.json", tmp_path / "v.png"
+    argv = ["validate", "--precision", "float64", "--steps", "3", "--batch-size", "2"]
+    argv += ["--torch-threads", "1", "--opt", "lr=0.01", "--json", str(js), "--plot", str(png)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "VERDICT: PASS. jaxnet computes what PyTorch computes" in out
+    data = json.loads(js.read_text())
+    assert data["config"]["precision"] == "float64"
+    assert data["verdict"]["passed"] and data["verdict"]["float64_ok"]
+    # Only jaxnet and PyTorch float64 run: no float32 pair is recorded.
+    assert all(set(rec) == {"step", "lr", "loss", "jax_vs_torch64"} for rec in data["steps"])
+    # Round-off only: far below the limit (measured: <= 1e-15).
+    assert data["verdict"]["float64_error"] < 1e-13
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _lr_rounded_to_float32(
+    lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *, maximize=False
+):
+    """SGD whose learning rate went through float32: a constant float32 noise hides."""
+    lr = float(np.float32(lr))
+    return optim.sgd(lr, momentum, dampening, weight_decay, nesterov, maximize=maximize)
+
+
+def test_float64_check_finds_a_float32_constant_that_float32_noise_hides(monkeypatch) -> None:
+    monkeypatch.setitem(optim.OPTIMIZERS, "sgd", _lr_rounded_to_float32)
+    settings = {"steps": 2, "optimizer_options": {"lr": 0.01, "momentum": 0.0}, **FAST}
+    assert validate(**settings).passed  # 0.01 in float32 is 2.2e-8 off: within float32 noise
+    r = validate(precision="float64", **settings)
+    assert not r.float64_ok and r.exit_code == 1
+    assert r.float64_error > 1e2 * DEFAULT_FLOAT64_TOLERANCE
+    # The first step's parameters already show it (their lr is the only difference).
+    assert r.records[0]["jax_vs_torch64"]["params_rel_l2"] > 10 * DEFAULT_FLOAT64_TOLERANCE
+    assert r.verdict_lines()[-1].startswith("VERDICT: FAIL. In float64")
+
+
 # ---------------------------------------------------------------------------------------------
 # The config: one dataclass, the same settings as keywords, and its errors
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +148,7 @@ def test_config_defaults_are_validates_defaults() -> None:
     )
     assert (c.drift_factor, c.step_factor) == (DEFAULT_DRIFT_FACTOR, DEFAULT_STEP_FACTOR)
     assert (c.steps_per_epoch, c.record_every, c.device, c.torch_threads) == (1, 1, "auto", None)
+    assert (c.precision, c.float64_tolerance) == ("float32", DEFAULT_FLOAT64_TOLERANCE)
 
 
 @pytest.mark.parametrize(
@@ -103,7 +166,7 @@ def test_config_defaults_are_validates_defaults() -> None:
         ({"loss": "hinge"}, "unknown loss 'hinge'"),
         ({"loss": "kl_div", "loss_options": {"log_target": True}}, "kl_div_smoothed"),
         ({"loss_options": {"reduction": "none"}}, "no scalar loss"),
-        ({"optimizer": "adagrad"}, "unknown optimizer 'adagrad'"),
+        ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
         ({"optimizer_options": {"lr": 0.1, "betas": (0.9, 0.99)}}, "takes no betas"),
         ({"optimizer_options": {"lr": -1.0}}, "Invalid learning rate"),
         ({"schedule": "warmup"}, "unknown schedule 'warmup'"),
@@ -112,6 +175,8 @@ def test_config_defaults_are_validates_defaults() -> None:
             "total_steps",
         ),
         ({"device": "tpu9"}, "device"),
+        ({"precision": "float16"}, "precision must be one of float32, float64"),
+        ({"float64_tolerance": 0.0}, "float64_tolerance must be a positive number"),
     ],
 )
 def test_bad_settings_raise_config_error_before_running(fields, message) -> None:
@@ -184,6 +249,12 @@ def test_a_drift_that_grows_fails_although_the_first_step_agrees(monkeypatch) ->
     r = validate(steps=6, optimizer="sgd", optimizer_options={"lr": 0.01, "momentum": 0.9}, **FAST)
     assert r.first_step_ok
     assert not r.drift_ok and r.exit_code == 1
+    # The report says where the run left the floor and how to tell an event from a bug.
+    ratios = r.drift() / np.maximum(r.noise_floor(), 2.0**-24)
+    first = r.records[int(np.argmax(ratios > DEFAULT_DRIFT_FACTOR))]["step"]
+    advice = [line for line in r.verdict_lines() if line.startswith("The run left")]
+    assert advice == [advice[0]] and f"floor at step {first}." in advice[0]
+    assert "--precision float64" in advice[0]
 
 
 # CLI
@@ -218,7 +289,8 @@ def test_cli_exit_codes_json_and_plot(tmp_path, monkeypatch, capsys) -> None:
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "VERDICT: equal to PyTorch within float32 noise" in out
+    assert "VERDICT: PASS. jaxnet's run equals PyTorch's within float32 noise." in out
+    assert "time: " in out and " s wall for the whole validation" in out
     data = json.loads(js.read_text())
     assert data["config"]["schedule_options"] == {"max_lr": 0.01, "total_steps": 10}
     # OneCycleLR's first lr is max_lr / div_factor, read off torch's optimizer
@@ -227,7 +299,7 @@ def test_cli_exit_codes_json_and_plot(tmp_path, monkeypatch, capsys) -> None:
 
     monkeypatch.setitem(optim.OPTIMIZERS, "sgd", _off_by(1.001))
     assert main(["validate", "--steps", "1", "--batch-size", "2", "--torch-threads", "1"]) == 1
-    assert "NOT equal" in capsys.readouterr().out
+    assert "VERDICT: FAIL. jaxnet's run differs from PyTorch's" in capsys.readouterr().out
 
 
 # CLI

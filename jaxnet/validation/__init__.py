@@ -23,6 +23,15 @@ Max-abs differences are recorded too but do not judge whole runs: after a few Ad
 are dominated by weights whose gradient is near ``eps``, where float32 rounding alone moves
 the update by up to ~lr.
 
+A float32 trajectory can leave the floor by chance: one ReLU pre-activation or one Adam
+denominator near ``eps`` rounds one way in one framework and the other way in the other, and
+from then on the runs differ by more than round-off. ``precision="float64"``
+(``jaxnet validate --precision float64``) tells such an event from a real difference: it runs
+jaxnet in float64 (``jax_enable_x64``) against PyTorch float64 from the same weights and
+batches, where equal semantics agree to round-off, and requires at every recorded step that
+the loss (relative) and the relative L2 distances of all outputs, all gradients and all
+parameters stay within ``float64_tolerance`` (default 1e-12; see ``compare.float64_check``).
+
 The package: ``config`` (``ValidateConfig``), ``streams`` (the batches), ``harness`` (the three
 runs), ``compare`` (the maths), ``report`` (``Report``).
 """
@@ -44,17 +53,25 @@ from jaxnet import optim
 from jaxnet.convert import params_from_torch, params_to_torch
 from jaxnet.criteria import Criterion, criterion
 from jaxnet.optim import OptimizerSpec
-from jaxnet.validation.compare import _compare, _first_step_check, _update_check, drift_check
+from jaxnet.validation.compare import (
+    _compare,
+    _first_step_check,
+    _update_check,
+    drift_check,
+    float64_check,
+)
 from jaxnet.validation.config import (
     DEFAULT_DRIFT_FACTOR,
+    DEFAULT_FLOAT64_TOLERANCE,
     DEFAULT_STEP_FACTOR,
+    PRECISIONS,
     ValidateConfig,
     make_config,
 )
 from jaxnet.validation.harness import (
     JaxRun,
     TorchRun,
-    float32_arithmetic,
+    exact_arithmetic,
     jax_params,
     pick_device,
     torch_threads,
@@ -70,7 +87,9 @@ from jaxnet.validation.streams import (
 
 __all__ = [
     "DEFAULT_DRIFT_FACTOR",
+    "DEFAULT_FLOAT64_TOLERANCE",
     "DEFAULT_STEP_FACTOR",
+    "PRECISIONS",
     "DataStream",
     "Report",
     "ValidateConfig",
@@ -92,35 +111,49 @@ def validate(
     ``validate(ValidateConfig(steps=50, optimizer="adam"))``, or the same settings as keywords:
     ``validate(steps=50, optimizer="adam")``; keywords given with a config replace its fields
     (see ``ValidateConfig`` for each). ``progress`` is called as ``progress(step, steps)``
-    after every step.
+    after every step. With ``precision="float64"`` jaxnet runs in float64 against PyTorch
+    float64 only.
 
-    Returns a ``Report``; ``report.exit_code`` is 0 when the run is equal within float32 noise.
-    Raises ``ConfigError`` for an unknown setting or a value no run can use (and the loaders'
-    ``WeightFileError``/``DataError`` for unusable weights or data).
+    Returns a ``Report``; ``report.exit_code`` is 0 when the run is equal within float32 noise
+    (float64: to float64 round-off). Raises ``ConfigError`` for an unknown setting or a value
+    no run can use (and the loaders' ``WeightFileError``/``DataError`` for unusable weights or
+    data).
     """
     t0 = time.perf_counter()
     config = make_config(config, fields)
-    run = _setup(config)
-    every, last = config.record_every, config.steps - 1
-    with float32_arithmetic(run.device), torch_threads(config.torch_threads):
+    device = pick_device(config.device)
+    with exact_arithmetic(device, config.precision), torch_threads(config.torch_threads):
+        run = _setup(config, device)
+        every, last = config.record_every, config.steps - 1
         for k in range(config.steps):
             _step(run, k, record=k == 0 or (k + 1) % every == 0 or k == last)
             if progress is not None:
                 progress(k + 1, config.steps)
             if not run.finite:
                 break
-    first_ratio, first_where = _first_step_check(run.records[0])
-    drift_ratio, drift_step = drift_check(run.records)
     return Report(
         config=_config_dict(config, run),
         records=run.records,
-        first_step_ratio=first_ratio,
-        first_step_worst=first_where,
-        drift_ratio=drift_ratio,
-        drift_worst_step=drift_step,
         finite=run.finite,
         seconds=time.perf_counter() - t0,
+        **_verdict_figures(config, run.records),
     )
+
+
+def _verdict_figures(config: ValidateConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``Report`` fields that judge the run: float32's first step and drift, or float64's
+    worst relative difference."""
+    if config.precision == "float64":
+        error, step, where = float64_check(records)
+        return {"float64_error": error, "float64_worst_step": step, "float64_worst": where}
+    first_ratio, first_where = _first_step_check(records[0])
+    drift_ratio, drift_step = drift_check(records)
+    return {
+        "first_step_ratio": first_ratio,
+        "first_step_worst": first_where,
+        "drift_ratio": drift_ratio,
+        "drift_worst_step": drift_step,
+    }
 
 
 @dataclasses.dataclass
@@ -148,8 +181,10 @@ class _Run:
         return TorchRun(copy.deepcopy(self.start).to(dtype), self.spec, self.criterion)
 
 
-def _setup(config: ValidateConfig) -> _Run:
-    """Check the names, then build the three runs from the same start, criterion and spec."""
+def _setup(config: ValidateConfig, device: Any) -> _Run:
+    """Check the names, then build the runs from the same start, criterion and spec: jaxnet,
+    PyTorch float32 and float64; or, for ``precision="float64"``, jaxnet and PyTorch in
+    float64 (inside ``exact_arithmetic``, which enables JAX's float64)."""
     import torch
 
     crit = criterion(config.loss, **(config.loss_options or {}))
@@ -162,15 +197,15 @@ def _setup(config: ValidateConfig) -> _Run:
         run_steps=config.steps,
     )
     tx = optim.transform(spec)  # ConfigError for values torch refuses, with torch's message
-    device = pick_device(config.device)
     start = _start_net(config).to(device)
     num_classes = int(start.fc3.out_features)
     stream, data = make_stream(config.data, config.batch_size, config.seed, num_classes)
-    runs = {
-        "torch32": TorchRun(copy.deepcopy(start), spec, crit),
-        "torch64": TorchRun(copy.deepcopy(start).to(torch.float64), spec, crit),
-    }
-    jax_run = JaxRun(jax_params(start), num_classes, tx, crit)
+    runs = {"torch64": TorchRun(copy.deepcopy(start).to(torch.float64), spec, crit)}
+    jax_dtype = np.float64
+    if config.precision == "float32":
+        runs["torch32"] = TorchRun(copy.deepcopy(start), spec, crit)
+        jax_dtype = np.float32
+    jax_run = JaxRun(jax_params(start, jax_dtype), num_classes, tx, crit)
     return _Run(crit, spec, device, start, jax_run, runs, stream, data)
 
 
@@ -200,8 +235,8 @@ def _step(run: _Run, k: int, record: bool) -> None:
         run.finite &= bool(np.isfinite(losses).all())
         return
     out["jax"] = run.jax.record(loss, logits, grads)
-    rec = {"step": k + 1, "lr": out["torch32"]["lr"], **_compare(out, run.scratch)}
-    if k == 0:
+    rec = {"step": k + 1, "lr": out["torch64"]["lr"], **_compare(out, run.scratch)}
+    if k == 0 and "torch32" in out:  # float32: the first update on jaxnet's own gradients
         jax_out = out["jax"]
         rec["update"] = _update_check(jax_out["params"], jax_out["grads"], run.fresh_torch_run)
     run.records.append(rec)
@@ -228,7 +263,11 @@ def _config_dict(config: ValidateConfig, run: _Run) -> dict[str, Any]:
         "weights": None if config.weights is None else str(config.weights),
         "data": run.data,
         "device": f"jax {jax.default_backend()} / torch {run.device.type}",
-        "matmul_precision": "float32 (jax_default_matmul_precision; torch TF32 off)",
+        "matmul_precision": (
+            "float64 (jax_enable_x64, matmul precision highest)"
+            if config.precision == "float64"
+            else "float32 (jax_default_matmul_precision; torch TF32 off)"
+        ),
         "versions": {
             "jax": jax.__version__,
             "torch": torch.__version__,

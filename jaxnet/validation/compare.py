@@ -1,4 +1,5 @@
-"""The comparison maths: how far apart three runs are, and the two verdict figures."""
+"""The comparison maths: how far apart the runs are, and the verdict figures (float32: first
+step and drift against the noise floor; float64: the worst relative difference)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TINY", "drift_check"]
+__all__ = ["TINY", "drift_check", "float64_check"]
 
 F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23
 TINY = 2.0**-24
 """The smallest relative distance float32 can resolve (the floor below a noise floor)."""
 
 _PAIRS = (("jax", "torch32"), ("jax", "torch64"), ("torch32", "torch64"))
+
+
+def _pairs(runs: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The pairs of ``_PAIRS`` whose two runs are both there (float64 checks: jax, torch64)."""
+    return [(a, b) for a, b in _PAIRS if a in runs and b in runs]
 
 
 def _diff(a: Any, b: Any, scale: float) -> dict[str, float]:
@@ -40,9 +46,10 @@ def _compare_group(
     ref = group["torch64"]
     keys = list(ref)
     scales = {k: float(np.max(np.abs(ref[k]))) for k in keys}
-    norm = math.sqrt(sum(float(np.dot(ref[k].ravel(), ref[k].ravel())) for k in keys))
+    norms = {k: math.sqrt(float(np.dot(ref[k].ravel(), ref[k].ravel()))) for k in keys}
+    norm = math.sqrt(sum(n * n for n in norms.values()))
     out = {}
-    for pa, pb in _PAIRS:
+    for pa, pb in _pairs(group):
         leaves, total = {}, 0.0
         for k in keys:
             a, b = group[pa][k], group[pb][k]
@@ -52,9 +59,15 @@ def _compare_group(
                 d = scratch.setdefault(k, np.empty(a.shape, np.float64)).ravel()
                 np.subtract(a.ravel(), b.ravel(), out=d)
                 np.abs(d, out=d)
-            total += float(np.dot(d, d))  # float32 accumulation suffices for a norm
+            sq = float(np.dot(d, d))  # float32 accumulation suffices for a norm
+            total += sq
             m = float(np.max(d)) if d.size else 0.0
-            leaves[k] = {"max_abs": m, "max_rel": _ratio(m, scales[k]), "scale": scales[k]}
+            leaves[k] = {
+                "max_abs": m,
+                "max_rel": _ratio(m, scales[k]),
+                "scale": scales[k],
+                "rel_l2": _ratio(math.sqrt(sq), norms[k]),
+            }
         out[f"{pa}_vs_{pb}"] = {
             "leaves": leaves,
             "max_abs": max(v["max_abs"] for v in leaves.values()),
@@ -67,7 +80,7 @@ def _compare_group(
 def _compare(
     runs: Mapping[str, Mapping[str, Any]], scratch: dict[str, np.ndarray]
 ) -> dict[str, Any]:
-    """Differences of the three runs, pair by pair; relative figures are relative to the
+    """Differences of the runs, pair by pair; relative figures are relative to the PyTorch
     float64 run (max_rel: to its max |value| per tensor; rel_l2: to its L2 norm)."""
     rec: dict[str, Any] = {"loss": {r: runs[r]["loss"] for r in runs}}
     groups = {
@@ -76,7 +89,7 @@ def _compare(
     ref_out = runs["torch64"]["outputs"]
     out_scale = float(np.max(np.abs(ref_out)))
     out_norm = float(np.linalg.norm(ref_out))
-    for pa, pb in _PAIRS:
+    for pa, pb in _pairs(runs):
         key = f"{pa}_vs_{pb}"
         a, b = runs[pa], runs[pb]
         entry: dict[str, Any] = {
@@ -153,3 +166,31 @@ def drift_check(records: Sequence[Mapping[str, Any]]) -> tuple[float, int]:
     ratios = drift / np.maximum(floor, TINY)
     worst = int(np.nanargmax(ratios)) if np.any(np.isfinite(ratios)) else 0
     return float(ratios[worst]), int(records[worst]["step"])
+
+
+def float64_check(records: Sequence[Mapping[str, Any]]) -> tuple[float, int, str]:
+    """The worst relative difference between jaxnet and PyTorch float64 over the recorded
+    steps, and its step and quantity: the loss (relative to PyTorch's), and the relative L2
+    distances of all outputs, all gradients and all parameters.
+
+    Relative L2 over whole groups, as the float32 drift is judged: per weight, Adam's and
+    RMSprop's division by ``sqrt(v) + eps`` magnifies the round-off of a gradient near
+    ``eps`` in float64 as in float32 (by ~2**-29 less), so max-abs figures of single weights
+    reach ~1e-12 with equal semantics, while a float32 constant anywhere moves the group's
+    distance by ~1e-9 or more.
+    """
+    worst, step, where = 0.0, 0, ""
+    for r in records:
+        d = r["jax_vs_torch64"]
+        items = [
+            ("loss", d["loss"]["max_rel"]),
+            ("outputs", d["outputs_rel_l2"]),
+            ("gradients", d["grads_rel_l2"]),
+            ("parameters", d["params_rel_l2"]),
+        ]
+        for name, value in items:
+            if math.isnan(value):  # the first NaN is the worst there is
+                return math.nan, int(r["step"]), name
+            if value > worst:
+                worst, step, where = value, int(r["step"]), name
+    return float(worst), step, where

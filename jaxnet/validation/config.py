@@ -11,13 +11,29 @@ from jaxnet.convert import PathLike
 from jaxnet.errors import ConfigError
 from jaxnet.validation.streams import DataStream
 
-__all__ = ["DEFAULT_DRIFT_FACTOR", "DEFAULT_STEP_FACTOR", "ValidateConfig"]
+__all__ = [
+    "DEFAULT_DRIFT_FACTOR",
+    "DEFAULT_FLOAT64_TOLERANCE",
+    "DEFAULT_STEP_FACTOR",
+    "PRECISIONS",
+    "ValidateConfig",
+]
 
 DEFAULT_DRIFT_FACTOR = 4.0
 """A run fails when its drift from float64 exceeds this many times torch float32's own."""
 DEFAULT_STEP_FACTOR = 4.0
 """The first step fails when it differs from float64 by more than this many times torch
 float32's round-off of the same quantity (plus one ulp)."""
+DEFAULT_FLOAT64_TOLERANCE = 1e-12
+"""``precision="float64"``: the largest relative difference between jaxnet and PyTorch, both
+in float64, allowed at any recorded step (the loss's, and the relative L2 distances of all
+outputs, gradients and parameters). About 4500 float64 ulps (2**-52 = 2.2e-16): room for
+round-off to grow over hundreds of training steps, yet five orders of magnitude below what a
+single float32 constant or intermediate leaves in a float64 computation (~1e-7, float32's
+resolution), and below any real difference of semantics."""
+PRECISIONS = ("float32", "float64")
+"""``float32``: jaxnet float32 judged against PyTorch float32's noise floor; ``float64``:
+jaxnet float64 against PyTorch float64, to float64 round-off."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +58,12 @@ class ValidateConfig:
       data: the batches: ``None`` or ``"random"`` (standard-normal images, uniform labels,
         ``random_stream``), a ``jaxnet.data`` source (``"digits"``, a ``.npz``, an MNIST folder:
         ``jaxnet train``'s shuffled training batches, ``dataset_stream``), or a ``DataStream``.
-      drift_factor, step_factor: the verdict's limits (see ``jaxnet.validation``).
+      precision: ``"float32"`` (jaxnet and PyTorch in float32, judged against PyTorch
+        float32's own distance from a float64 run) or ``"float64"`` (jaxnet float64 against
+        PyTorch float64, judged to float64 round-off: a proof of semantics that float32's
+        rounding events cannot blur); see ``jaxnet.validation``.
+      drift_factor, step_factor: the float32 verdict's limits (see ``jaxnet.validation``).
+      float64_tolerance: the float64 verdict's limit on the relative difference at any step.
       device: the torch device (``"auto"``: CUDA when JAX runs on a GPU, else CPU).
       torch_threads: torch's CPU threads during the run (``None``: torch's default). On a
         CPU shared with other processes, 1 avoids oversubscription (10x slower steps).
@@ -63,8 +84,10 @@ class ValidateConfig:
     schedule_options: Mapping[str, Any] | None = None
     steps_per_epoch: int = 1
     data: str | DataStream | None = None
+    precision: str = "float32"
     drift_factor: float = DEFAULT_DRIFT_FACTOR
     step_factor: float = DEFAULT_STEP_FACTOR
+    float64_tolerance: float = DEFAULT_FLOAT64_TOLERANCE
     device: str = "auto"
     torch_threads: int | None = None
     record_every: int = 1
@@ -78,7 +101,11 @@ class ValidateConfig:
             _positive_int("torch_threads", self.torch_threads)
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise ConfigError(f"seed must be an int, got {self.seed!r}.")
-        for name in ("drift_factor", "step_factor"):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}."
+            )
+        for name in ("drift_factor", "step_factor", "float64_tolerance"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}.")

@@ -1,6 +1,6 @@
-"""The three runs a validation compares: jaxnet (float32) and PyTorch in float32 and float64,
-each built from the same resolved optimizer spec and criterion, and the float32 arithmetic
-they run under."""
+"""The runs a validation compares, each built from the same resolved optimizer spec and
+criterion: jaxnet (float32) and PyTorch in float32 and float64, or, for the float64 check,
+jaxnet and PyTorch both in float64; and the arithmetic they run under."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from jaxnet.convert import nhwc_to_nchw, params_from_torch, params_to_torch
 from jaxnet.criteria import Criterion
 from jaxnet.errors import ConfigError
 from jaxnet.model import Net
-from jaxnet.optim import OptimizerSpec
+from jaxnet.optim import TORCH_CLASSES, OptimizerSpec
 
-__all__ = ["JaxRun", "TorchRun", "float32_arithmetic", "pick_device", "torch_threads"]
+__all__ = ["JaxRun", "TorchRun", "exact_arithmetic", "pick_device", "torch_threads"]
 
-_TORCH_OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}
-"""jaxnet's optimizer names -> ``torch.optim``'s classes."""
+_TORCH_OPTIMIZERS = TORCH_CLASSES
+"""jaxnet's optimizer names -> ``torch.optim``'s classes (``jaxnet.optim.TORCH_CLASSES``)."""
 _TORCH_SCHEDULERS = {
     "step_lr": "StepLR",
     "multi_step_lr": "MultiStepLR",
@@ -61,14 +61,17 @@ class JaxRun:
     ) -> None:
         self.apply_fn = _net(num_classes).apply
         self.criterion = crit
+        # The images in the params' precision: float32 batches widen exactly to float64.
+        self.dtype = jax.tree.leaves(params)[0].dtype
         self.state = step.TrainState.create(apply_fn=self.apply_fn, params=params, tx=tx)
         # Per run: the optimizer is part of the state, so each run compiles its own update.
         self._apply = jax.jit(step.apply_gradients)
 
     def step(self, images: np.ndarray, labels: np.ndarray) -> tuple[Any, Any, Any]:
         """One step; ``(loss, logits, grads)`` at the parameters before it."""
+        batch = (images.astype(self.dtype), labels.astype(np.int32))
         grads, loss, logits = _compute_grads(
-            self.state.params, self.apply_fn, (images, labels.astype(np.int32)), self.criterion
+            self.state.params, self.apply_fn, batch, self.criterion
         )
         self.state = self._apply(self.state, grads)
         return loss, logits, grads
@@ -83,9 +86,10 @@ class JaxRun:
         }
 
 
-def jax_params(net: Any) -> Any:
-    """jaxnet's parameters equal to the torch ``net``'s."""
-    return params_from_torch({k: v.cpu() for k, v in net.state_dict().items()})
+def jax_params(net: Any, dtype: Any = np.float32) -> Any:
+    """jaxnet's parameters equal to the torch ``net``'s, in ``dtype`` (float64 needs
+    ``jax_enable_x64``, e.g. inside ``jax.enable_x64(True)``)."""
+    return params_from_torch({k: v.cpu() for k, v in net.state_dict().items()}, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,26 +198,35 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def float32_arithmetic(torch_device: Any) -> Iterator[None]:
-    """float32 matmuls and convolutions in both frameworks, on GPU too.
+def exact_arithmetic(torch_device: Any, precision: str = "float32") -> Iterator[None]:
+    """Matmuls and convolutions in full ``precision`` in both frameworks, on GPU too.
 
-    On GPUs JAX may use TF32/bf16 passes for float32 dots and convolutions unless
-    ``jax_default_matmul_precision`` says "float32"; torch uses TF32 for cuDNN convolutions by
-    default (and for matmuls when allowed). Both are set here for the run and restored after.
+    ``"float32"``: on GPUs JAX may use TF32/bf16 passes for float32 dots and convolutions
+    unless ``jax_default_matmul_precision`` says "float32"; torch uses TF32 for cuDNN
+    convolutions by default (and for matmuls when allowed). Both are set here for the run and
+    restored after. ``"float64"``: JAX runs with ``jax_enable_x64`` (float64 arrays stay
+    float64) and the "highest" matmul precision.
     """
     import torch
 
-    with jax.default_matmul_precision("float32"):
-        if getattr(torch_device, "type", str(torch_device)) != "cuda":
-            yield
-            return
-        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with contextlib.ExitStack() as stack:
+        if precision == "float64":
+            stack.enter_context(jax.enable_x64(True))
+            stack.enter_context(jax.default_matmul_precision("highest"))
+        else:
+            stack.enter_context(jax.default_matmul_precision("float32"))
+        if getattr(torch_device, "type", str(torch_device)) == "cuda":
+            saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            stack.callback(_restore_tf32, saved)
+        yield
+
+
+def _restore_tf32(saved: tuple[bool, bool]) -> None:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def pick_device(device: str) -> Any:

@@ -32,7 +32,9 @@ def _draw(
     one compile."""
     kx, ky = jax.random.split(jax.random.fold_in(key, step))
     x = jax.random.normal(kx, (batch_size, IMAGE_SIZE, IMAGE_SIZE, IN_CHANNELS), jnp.float32)
-    return x, jax.random.randint(ky, (batch_size,), 0, num_classes)
+    # int32 spelled out: with jax_enable_x64 (the float64 check) the default int64 would draw
+    # other labels from the same key.
+    return x, jax.random.randint(ky, (batch_size,), 0, num_classes, jnp.int32)
 
 
 def random_stream(seed: int, batch_size: int, num_classes: int) -> DataStream:
