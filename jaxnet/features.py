@@ -93,12 +93,10 @@ def _plot_probabilities(fig: Any, cells: Any, probabilities: np.ndarray, classes
     ax.bar(range(len(probabilities)), probabilities, color=colours)
     ax.set_ylim(0, 1)
     ax.set_xticks(range(len(probabilities)))
-    ax.set_xlabel("class", fontsize=7, labelpad=1)
     ax.set_ylabel("probability", fontsize=7)
     ax.tick_params(labelsize=6)
-    ax.set_title(f"predicted class {k} (p = {probabilities[k]:.3f})", fontsize=8)
-    if classes:
-        ax.text(0.99, 0.95, classes, transform=ax.transAxes, ha="right", va="top", fontsize=6)
+    named = f"\n{classes}" if classes else ""
+    ax.set_title(f"predicted class {k} (p = {probabilities[k]:.3f}){named}", fontsize=8)
 
 
 def draw_features(

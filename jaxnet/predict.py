@@ -28,6 +28,7 @@ import dataclasses
 import io
 import json
 import os
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,7 +343,7 @@ def plot_confusion(confusion: np.ndarray, path: str | os.PathLike, title: str = 
     import matplotlib.pyplot as plt
 
     c = len(confusion)
-    fig, ax = plt.subplots(figsize=(1.6 + 0.55 * c, 1.2 + 0.5 * c))
+    fig, ax = plt.subplots(figsize=(max(4.4, 1.8 + 0.55 * c), max(3.8, 1.6 + 0.5 * c)))
     im = ax.imshow(confusion, cmap="Blues")
     high = confusion.max() / 2 if confusion.size else 0
     for (i, j), n in np.ndenumerate(confusion):
@@ -351,7 +352,7 @@ def plot_confusion(confusion: np.ndarray, path: str | os.PathLike, title: str = 
     ax.set_yticks(range(c))
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(title or "confusion matrix", fontsize=9)
+    ax.set_title(textwrap.fill(title or "confusion matrix", 48), fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="images")
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
@@ -398,6 +399,7 @@ def run_predict(
     result = predict_images(model, images)
     written = [write_predictions(result, out, model.info, fmt)]
     if result.confusion is not None and confusion_png is not None:
-        title = f"{model.source}: accuracy {result.accuracy:.2%} on {len(result.classes)} images"
+        n = len(result.classes)
+        title = f"accuracy {result.accuracy:.2%} on {n} images; model {model.source}"
         written.append(plot_confusion(result.confusion, confusion_png, title))
     return result, written

@@ -46,6 +46,11 @@ def _risen(val: Sequence[float], b: int) -> bool:
     return val[-1] > val[b] * (1 + RISE)
 
 
+def _above(values: Sequence[float], best: float) -> str:
+    """How far the mean of ``values`` lies above ``best``, e.g. ``"+40%"``."""
+    return f"{sum(values) / len(values) / best - 1:+.0%}"
+
+
 def _over_fitting(val: Sequence[float], train: Sequence[float], b: int) -> bool:
     """``PATIENCE`` or more epochs after the best one, their mean and the last validation loss
     risen more than ``RISE`` above the best, while the training loss fell."""
@@ -64,8 +69,8 @@ def diagnose(history: History) -> Diagnosis:
 
     * over-fitting: ``PATIENCE`` (3) or more epochs after the best validation loss, and both
       their mean and the last validation loss more than 10% above the best, while the
-      training loss kept falling ("val loss risen for 3 epochs after epoch 5 while train loss
-      falls: over-fitting; best epoch 5");
+      training loss kept falling ("val loss above its best for the 3 epochs after epoch 5
+      (their mean +40%, the last +18%) while train loss falls: over-fitting; best epoch 5");
     * rising: the last validation loss is 10% above the best, but fewer than ``PATIENCE``
       epochs have passed: a noisy epoch or the start of over-fitting; more epochs tell;
     * under-fitting: training accuracy below 90% at the end (train longer, raise the learning
@@ -87,9 +92,10 @@ def diagnose(history: History) -> Diagnosis:
         return Diagnosis(
             "over-fitting",
             best,
-            f"val loss risen for {n_after} epochs after epoch {best} while train loss falls: "
-            f"over-fitting; {at_best}. Keep the best params, stop earlier (--early-stopping) "
-            "or get more data.",
+            f"val loss above its best for the {n_after} epochs after epoch {best} (their mean "
+            f"{_above(val[b + 1 :], val[b])}, the last {_above(val[-1:], val[b])}) while train "
+            f"loss falls: over-fitting; {at_best}. Keep the best params, stop earlier "
+            "(--early-stopping) or get more data.",
         )
     if float(last["train_accuracy"]) < UNDERFIT_ACCURACY:
         return Diagnosis(
@@ -142,10 +148,10 @@ def plot_curves(
 
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator, PercentFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.6))
     for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         scale = 100.0 if key == "accuracy" else 1.0
         for split, marker in (("train", "o-"), ("val", "s-")):
@@ -159,13 +165,26 @@ def plot_curves(
         ax.legend()
     ax_loss.set_ylabel("loss (log scale)")
     ax_loss.set_yscale("log")
+    # Plain decimals (0.05, 0.1, 0.2) rather than powers of ten on the log axis.
+    ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_loss.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
+    ax_loss.tick_params(axis="y", which="minor", labelsize=7)
     ax_acc.set_ylabel("accuracy")
     ax_acc.yaxis.set_major_formatter(PercentFormatter(100.0))
     fig.suptitle(_wrap(title or "jaxnet train", 110), fontsize=10)
-    fig.text(0.5, 0.01, _wrap(diagnosis.text, 120), ha="center", va="bottom", fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.93))
+    text = _wrap(diagnosis.text, 120)
+    fig.text(0.5, 0.01, text, ha="center", va="bottom", fontsize=9)
+    fig.tight_layout(rect=(0, 0.015 + 0.04 * (text.count("\n") + 1), 1, 0.93))
 
     save_figure(fig, path, dpi=90)
+
+
+def _minor_label(value: float, _: Any) -> str:
+    """Labels at 2x, 3x and 5x a power of ten only: every minor tick labelled is a crowd."""
+    import math
+
+    lead = round(value / 10 ** math.floor(math.log10(value))) if value > 0 else 0
+    return f"{value:g}" if lead in (2, 3, 5) else ""
 
 
 def _wrap(text: str, width: int) -> str:

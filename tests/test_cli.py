@@ -224,6 +224,7 @@ def test_every_subcommand_is_there() -> None:
         "summary",
         "tutorial",
         "train",
+        "predict",
         "export",
         "import",
         "features",
@@ -248,7 +249,7 @@ def test_help_states_the_exit_codes(capsys) -> None:
 
 
 def _result(status: str = "finished", sig: str | None = None):
-    return SimpleNamespace(status=status, signal=sig)
+    return SimpleNamespace(status=status, signal=sig, best_epoch=1)
 
 
 def _train_returns_or_raises(monkeypatch, outcome) -> list:

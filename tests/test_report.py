@@ -26,8 +26,8 @@ def test_diagnosis():
     )
     assert over.kind == "over-fitting" and over.best_epoch == 6
     assert over.text.startswith(
-        "val loss risen for 3 epochs after epoch 6 while train loss falls: over-fitting; "
-        "best epoch 6"
+        "val loss above its best for the 3 epochs after epoch 6 (their mean +30%, the last "
+        "+50%) while train loss falls: over-fitting; best epoch 6"
     )
     under = diagnose(_history([1, 0.9, 0.8], [1, 0.9, 0.85], acc=0.6))
     assert under.kind == "under-fitting" and "train accuracy only 60.0%" in under.text
