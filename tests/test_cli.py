@@ -701,7 +701,7 @@ def test_train_output_to_a_file_is_plain_lines(tmp_path, capsys) -> None:
     spaces; the end names every file written."""
     workdir = tmp_path / "run"
     argv = ["train", "--workdir", str(workdir), "--limit", "64", "--batch-size", "16"]
-    assert main([*argv, "--epochs", "2"]) == 0
+    assert main([*argv, "--epochs", "1"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert not any(line != line.rstrip() for line in lines), out
