@@ -33,6 +33,7 @@ import re
 import shutil
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -116,17 +117,40 @@ def _host(x: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x))
 
 
+_CHUNK = 1 << 22
+"""Bytes per CRC-32 job: big arrays (fc1's kernel, 25 MB) are summed in parallel chunks."""
+
+
+def _crc32s(chunks: list[memoryview]) -> list[int]:
+    """The CRC-32 of each chunk, over the cores (``zlib`` releases the GIL while it sums)."""
+    workers = min(len(chunks), os.cpu_count() or 1, 8)
+    if workers <= 1:
+        return [zlib.crc32(c) for c in chunks]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(zlib.crc32, chunks))
+
+
 def checksums(tree: Any) -> dict[str, str]:
-    """``{path: crc32}`` of every array leaf of ``tree`` (path: ``jax.tree_util.keystr``; the
-    CRC-32 of the array's bytes, dtype and shape, as 8 hex digits). Equal arrays give equal
-    sums on every machine of the same byte order."""
+    """``{path: checksum}`` of every array leaf of ``tree`` (path: ``jax.tree_util.keystr``).
+
+    A leaf's checksum (8 hex digits) is the CRC-32 of its dtype and shape followed by the
+    CRC-32s of its bytes in 4 MiB chunks: equal arrays give equal sums on every machine of the
+    same byte order, and any changed byte changes its chunk's CRC."""
+    leaves = [
+        (jax.tree_util.keystr(path), _host(leaf))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+    spans, chunks = [], []
+    for _, a in leaves:
+        data = memoryview(a.reshape(-1).view(np.uint8))
+        first = len(chunks)
+        chunks += [data[i : i + _CHUNK] for i in range(0, len(data), _CHUNK)]
+        spans.append((first, len(chunks)))
+    crcs = _crc32s(chunks)
     sums = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        a = _host(leaf)
-        head = f"{a.dtype.str}{a.shape}".encode()
-        sums[jax.tree_util.keystr(path)] = (
-            f"{zlib.crc32(a.view(np.uint8).data, zlib.crc32(head)):08x}"
-        )
+    for (key, a), (lo, hi) in zip(leaves, spans, strict=True):
+        head = f"{a.dtype.str}{a.shape}".encode() + np.asarray(crcs[lo:hi], ">u4").tobytes()
+        sums[key] = f"{zlib.crc32(head):08x}"
     return sums
 
 

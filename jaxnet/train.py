@@ -490,7 +490,8 @@ def _start_from_best(run: _Run, mesh: Mesh) -> None:
     target = abstract_params(_net(run.ds.num_classes, run.config.weight_init))
     params, _ = run.ckpts.restore_params(target, "best")
     _fresh_state(run, mesh, params)
-    val = evaluate(run.state, run.ds.x_val, run.ds.y_val, run.criterion, 512, run.mesh)
+    ds, config = run.ds, run.config
+    val = evaluate(run.state, ds.x_val, ds.y_val, run.criterion, config.eval_batch_size, run.mesh)
     if math.isfinite(val["loss"]):
         run.best = {"epoch": 0, "val_loss": val["loss"]}
     run.console.print(
