@@ -130,6 +130,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     params, info = export.run_info(args.workdir, args.which)
     out = Path(args.out)
     fmt = args.format if args.format != "auto" else _export_format(out)
+    _refuse_to_replace([out, Path(f"{out}.json")] if fmt == "stablehlo" else [out], args.overwrite)
     if fmt == "stablehlo":
         export.export_stablehlo(params, info, out, tuple(args.platforms.split(",")))
         what = f"jax.export StableHLO of the logits, batch symbolic, {export.LAYOUT_JAX} input"
@@ -141,11 +142,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _refuse_to_replace(paths: Sequence[Path], overwrite: bool) -> None:
+    """Nothing the user has is replaced without ``--overwrite``."""
+    taken = [str(p) for p in paths if p.exists()]
+    if taken and not overwrite:
+        raise ConfigError(
+            f"{', '.join(taken)} already exist(s); pass --overwrite to replace, or give "
+            "another file name."
+        )
+
+
 def _export_format(out: Path) -> str:
     suffix = out.suffix.lower()
     if suffix in (".pt", ".pth", ".safetensors"):
         return "state-dict"
-    if suffix in (".stablehlo", ".jax_exported", ".bin"):
+    if suffix in (".stablehlo", ".jax_exported"):
         return "stablehlo"
     raise ConfigError(
         f"cannot tell the format of {out} from its suffix; name it .pt, .safetensors or "
@@ -175,12 +186,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     model = predict.load_model(args.workdir, args.which, args.weights, args.mean, args.std)
     out = Path(args.out) if args.out else Path(args.workdir or ".") / "predictions.csv"
     confusion = out.with_name(out.stem + ".confusion.png")
-    taken = [p for p in (out, confusion) if p.exists()]
-    if taken and not args.overwrite:
-        raise ConfigError(
-            f"{', '.join(map(str, taken))} already exist(s); pass --overwrite to replace, "
-            "or --out another file."
-        )
+    _refuse_to_replace([out, confusion], args.overwrite)
     result, written = predict.run_predict(
         model, args.data, out, fmt=args.format, rule=args.image_rule, confusion_png=confusion
     )
@@ -548,6 +554,7 @@ def _workdir_parsers(sub: Any) -> None:
         help="auto: from the suffix of OUT",
     )
     p.add_argument("--platforms", default="cpu,cuda", help="stablehlo: the platforms to lower for")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
 
     p = _subparser(sub, "import", "read a PyTorch state_dict into a workdir", _cmd_import)
     p.add_argument("weights", help="a .pt or .safetensors file of the tutorial's Net")

@@ -61,6 +61,12 @@ def test_exported_files_carry_their_metadata(reference_run, run_model, tmp_path,
     printed = capsys.readouterr().out
     assert f"inputs are (x - {info.mean:.6f}) / {info.std:.6f}" in printed
     assert info.classes in printed
+    assert main(["export", str(out), "--workdir", str(workdir)]) == 2  # not replaced ...
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", str(out), "--workdir", str(workdir), "--overwrite"]) == 0  # ... unless
+    assert main(["export", str(out), "--workdir", str(workdir)]) == 2  # not replaced, unless:
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", str(out), "--workdir", str(workdir), "--overwrite"]) == 0
     read, back = read_weights(out)
     assert back == dataclasses.replace(info, layout=LAYOUT_TORCH)  # floats exact: repr
     for a, b in zip(jax.tree.leaves(read), jax.tree.leaves(params), strict=True):
