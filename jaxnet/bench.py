@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet import optim, step
+from jaxnet import host, inference, optim, step
 from jaxnet.convert import params_from_torch
 from jaxnet.io import atomic_write
 from jaxnet.model import Net, init_params
@@ -62,6 +62,8 @@ __all__ = [
     "matmul_peak_gflops",
     "FC1_TRAIN_FLOPS_PER_SAMPLE",
     "net_flops",
+    "COMPARISONS",
+    "compile_seconds",
     "run_bench",
     "time_limit",
     "write_json",
@@ -129,6 +131,33 @@ def net_flops(batch_size: int, num_classes: int = 2, train: bool = True) -> int:
 
 def _on_gpu() -> bool:
     return jax.default_backend() != "cpu"
+
+
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+"""The ``jax.monitoring`` duration events whose sum is JAX's compile time: tracing to a
+jaxpr, lowering it to StableHLO, and XLA's compilation."""
+
+
+@contextlib.contextmanager
+def compile_seconds() -> Iterator[dict[str, float]]:
+    """Seconds JAX spends compiling inside the block, per ``COMPILE_EVENTS`` entry and in
+    ``"total"`` (filled in as it goes; read it after the block)."""
+    totals = dict.fromkeys((*COMPILE_EVENTS, "total"), 0.0)
+
+    def listener(event: str, duration: float, **kwargs: Any) -> None:
+        if event in COMPILE_EVENTS:
+            totals[event] += duration
+            totals["total"] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield totals
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 class FirstCallTimeout(Exception):
@@ -258,7 +287,8 @@ class _Variant:
     sync: Callable[[Any], None]
     steps_per_call: int = 1
     calls_per_rep: int = 1
-    compile_s: float = math.nan
+    compile_s: float = math.nan  # the first call, compilation included
+    jax_compile_s: float | None = None  # of which JAX compiling (jax variants)
     peak_mb: float | None = None
     xla_memory: Callable[[], float | None] | None = None  # jax: XLA's own figure, in MB
     xla_mb: float | None = None
@@ -310,6 +340,10 @@ def _jax_variants(cfg: BenchConfig, params: Any, x: np.ndarray, y: np.ndarray) -
             xla_memory=lambda: _xla_peak_mb(step.eval_step, eval_state, (xb, yb)),
         )
     )
+    if dtype is None:  # jaxnet.inference computes in the params' dtype (float32)
+        out.append(
+            _Variant("jax_predict", "jax", lambda: inference.predict_logits(params, xb), _jax_sync)
+        )
     fc1_matmuls = jax.jit(lambda a, w, g: (a @ w, g @ w.T, a.T @ g))
     keys = jax.random.split(jax.random.key(cfg.seed), 2)
     w = jnp.asarray(params["fc1"]["kernel"], xb.dtype if dtype is None else dtype)
@@ -383,9 +417,14 @@ def _torch_variants(
         with torch.no_grad(), autocast:
             return F.cross_entropy(eval_net(xt).float(), yt)
 
+    def run_forward() -> Any:
+        with torch.no_grad(), autocast:
+            return eval_net(xt)
+
     out = [
         _Variant("torch_step", "torch", make_step(False), sync),
         _Variant("torch_eval", "torch", run_eval, sync),
+        _Variant("torch_forward", "torch", run_forward, sync),
     ]
     if cfg.torch_compile:
         out.append(_Variant("compile_step", "torch", make_step(True), sync))
@@ -399,9 +438,10 @@ def _first_calls(v: _Variant, cfg: BenchConfig, log: Callable[[str], None]) -> f
     try:
         with _Memory(v.framework) as mem:
             t = time.perf_counter()
-            with time_limit(cfg.first_call_cap_s, FirstCallTimeout):
+            with time_limit(cfg.first_call_cap_s, FirstCallTimeout), compile_seconds() as comp:
                 v.sync(v.run())
             v.compile_s = time.perf_counter() - t
+            v.jax_compile_s = comp["total"] if v.framework == "jax" else None
             t = time.perf_counter()
             for _ in range(max(cfg.warmup, 1)):
                 v.sync(v.run())
@@ -452,7 +492,7 @@ def _ready_variants(
 
 def _variant_result(v: _Variant, batch_size: int) -> dict[str, Any]:
     step_s = statistics.median(v.times)
-    f = net_flops(batch_size, train=not v.name.endswith("_eval"))
+    f = net_flops(batch_size, train=not v.name.endswith(("_eval", "_forward", "_predict")))
     if v.name == "jax_fc1_matmuls":
         f = FC1_TRAIN_FLOPS_PER_SAMPLE * batch_size
     return {
@@ -462,6 +502,7 @@ def _variant_result(v: _Variant, batch_size: int) -> dict[str, Any]:
         "samples_per_s": batch_size / step_s,
         "gflops_per_s": f / step_s / 1e9,
         "first_call_s": v.compile_s,
+        "compile_s": v.jax_compile_s,  # JAX's compile time within the first call
         "peak_mb": v.peak_mb,  # process RSS growth (CPU) / allocator peak (GPU)
         "xla_buffers_mb": v.xla_mb,  # jax only: XLA's buffer assignment for one call
         "reps": len(v.times),
@@ -558,6 +599,7 @@ def _run_bench(
         for v in r["variants"].values():
             v["fraction_of_peak"] = v["gflops_per_s"] / peak
         results["batches"].append(r)
+        machine["malloc"] = host.malloc_status()  # what jaxnet's first step did to malloc
         if on_batch is not None:
             on_batch(results)
     return results
@@ -582,34 +624,59 @@ def _get(r: dict[str, Any], name: str, key: str, fmt: str) -> str:
     return format(v[key], fmt)
 
 
-def format_results(results: dict[str, Any]) -> str:
-    """Markdown tables: speed and ratios, then FLOP rates, compile times and memory."""
+COMPARISONS = (
+    ("default path: `TrainState.create` + `jaxnet.train_step`", "jax_step", "torch_step"),
+    ("tuned: `train_step_donated`", "jax_donated", "torch_step"),
+    ("tuned: `train_steps` (scan), per step", "jax_scan", "torch_step"),
+    ("`torch.compile` step", "compile_step", "torch_step"),
+    ("`jaxnet.eval_step` / torch `no_grad` eval", "jax_eval", "torch_eval"),
+    ("`jaxnet.inference.predict_logits` / torch `no_grad` forward", "jax_predict", "torch_forward"),
+)
+"""The report's rows: what is timed, and what it is compared with (PyTorch eager)."""
+
+
+def _header(results: dict[str, Any]) -> str:
     m = results["machine"]
-    lines = [
+    malloc = m.get("malloc") or {}
+    tuned = m.get("malloc_tuned", malloc.get("tuned"))
+    return (
         f"jax {m['jax_version']} on {m['jax_backend']} ({m['jax_device']}), "
         f"{m['cpu_count']} CPUs; torch {m.get('torch_version', '-')} on "
         f"{m.get('torch_device', '-')} with {m.get('torch_threads', '-')} threads; "
         f"float32 matmul peak {m['matmul_peak_gflops']:.1f} GFLOP/s; "
         f"dtype {results['config']['dtype']}"
-        + {True: "; glibc malloc thresholds raised (jaxnet.host.tune_malloc)", False: ""}.get(
-            m.get("malloc_tuned"), ""
-        ),
-        "",
-        "| batch | jaxnet steps/s | samples/s | torch eager steps/s | jaxnet / torch | "
-        "donated / torch | scan / torch | torch.compile / torch | eval: jaxnet / torch |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results["batches"]:
-        lines.append(
-            f"| {r['batch_size']} | {_get(r, 'jax_step', 'steps_per_s', '.1f')} "
-            f"| {_get(r, 'jax_step', 'samples_per_s', '.0f')} "
-            f"| {_get(r, 'torch_step', 'steps_per_s', '.1f')} "
-            f"| {_ratio(r, 'jax_step', 'torch_step')} | {_ratio(r, 'jax_donated', 'torch_step')} "
-            f"| {_ratio(r, 'jax_scan', 'torch_step')} | {_ratio(r, 'compile_step', 'torch_step')} "
-            f"| {_ratio(r, 'jax_eval', 'torch_eval')} |"
-        )
-    lines += ["", *_detail_table(results["batches"])]
+        + ("; glibc malloc thresholds raised (jaxnet.host)" if tuned else "")
+    )
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """Markdown tables: speed relative to PyTorch eager (one row per variant, the default path
+    first), milliseconds per step, then FLOP rates, compile times and memory."""
+    batches = results["batches"]
+    head = "| " + " | ".join(["variant", *(f"batch {r['batch_size']}" for r in batches)]) + " |"
+    rule = "|---" * (len(batches) + 1) + "|"
+    lines = [_header(results), "", "Speed relative to PyTorch eager (>1: faster):", "", head, rule]
+    for label, ours, theirs in COMPARISONS:
+        if any(ours in r["variants"] for r in batches):
+            lines.append(
+                f"| {label} | " + " | ".join(_ratio(r, ours, theirs) for r in batches) + " |"
+            )
+    lines += ["", "Milliseconds per step (median):", "", head, rule]
+    names = {ours: label for label, ours, _ in COMPARISONS}
+    names.update(
+        torch_step="PyTorch eager step", torch_eval="PyTorch eval", torch_forward="PyTorch forward"
+    )
+    for name, label in names.items():
+        if any(name in r["variants"] for r in batches):
+            cells = (_ms(r, name) for r in batches)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", *_detail_table(batches)]
     return "\n".join(lines)
+
+
+def _ms(r: dict[str, Any], name: str) -> str:
+    v = r["variants"].get(name)
+    return "-" if v is None else f"{1e3 * v['median_step_s']:.2f}"
 
 
 def _detail_row(r: dict[str, Any]) -> str:
@@ -619,8 +686,10 @@ def _detail_row(r: dict[str, Any]) -> str:
         "-" if n not in r["variants"] else f"{100 * r['variants'][n]['fraction_of_peak']:.0f}%"
         for n in names
     )
-    first = f"{_get(r, 'jax_step', 'first_call_s', '.2f')} / " + _get(
-        r, "compile_step", "first_call_s", ".1f"
+    first = (
+        f"{_get(r, 'jax_step', 'first_call_s', '.2f')} "
+        f"({_get(r, 'jax_step', 'compile_s', '.2f')}) / "
+        + _get(r, "compile_step", "first_call_s", ".1f")
     )
     mem = " / ".join(
         (
@@ -643,9 +712,9 @@ def _detail_table(batches: list[dict[str, Any]]) -> list[str]:
     """FLOP rates, share of the matmul peak, first-call times, memory and the fc1 ceiling."""
     return [
         "| batch | GFLOP/s: step / donated / scan / torch | % of matmul peak: step / donated "
-        "/ scan / torch | first call s: jaxnet / torch.compile | MB: jaxnet XLA buffers / "
-        "peak growth jaxnet / torch | fc1 matmuls alone: ms (% of peak) | ceiling: torch / "
-        "fc1 matmuls |",
+        "/ scan / torch | first call s (JAX compiling): train_step / torch.compile | MB: "
+        "jaxnet XLA buffers / peak growth jaxnet / torch | fc1 matmuls alone: ms (% of peak) "
+        "| ceiling: torch / fc1 matmuls |",
         "|---|---|---|---|---|---|---|",
         *(_detail_row(r) for r in batches),
     ]

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnet import host
 from jaxnet.images import check_nhwc_images
 from jaxnet.model import Net
 
@@ -34,6 +35,7 @@ class Prediction:
     classes: np.ndarray
 
 
+@host.tunes_malloc_on_first_call
 @functools.partial(jax.jit, static_argnames=("num_classes",))
 def _logits(params: Any, images: jax.Array, num_classes: int) -> jax.Array:
     return Net(num_classes=num_classes).apply({"params": params}, images)

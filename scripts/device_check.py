@@ -338,30 +338,30 @@ def validate(result: dict[str, Any], reduced: bool) -> None:
 # bench
 # ---------------------------------------------------------------------------------------------
 
-_SPEEDUPS = ("jax_step", "jax_donated", "jax_scan", "compile_step")
-
 
 def bench_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per batch size: ms per step of each variant, each one's speed relative to PyTorch
-    eager's (>1: faster than PyTorch), first-call seconds and what was skipped."""
+    """Per batch size: ms per step of each variant, each jaxnet variant's speed relative to
+    what it is compared with (``jaxnet.bench.COMPARISONS``; >1: faster than PyTorch),
+    first-call and compile seconds, and what was skipped."""
+    from jaxnet.bench import COMPARISONS
+
     rows = []
     for r in results["batches"]:
         v = r["variants"]
-        row: dict[str, Any] = {
-            "batch_size": r["batch_size"],
-            "ms": {k: 1e3 * x["median_step_s"] for k, x in v.items()},
-            "first_call_s": {k: x["first_call_s"] for k, x in v.items()},
-            "skipped": r.get("skipped", {}),
-        }
-        if "torch_step" in v:
-            torch_s = v["torch_step"]["median_step_s"]
-            row["speed_vs_torch_eager"] = {
-                k: torch_s / v[k]["median_step_s"] for k in _SPEEDUPS if k in v
+        rows.append(
+            {
+                "batch_size": r["batch_size"],
+                "ms": {k: 1e3 * x["median_step_s"] for k, x in v.items()},
+                "first_call_s": {k: x["first_call_s"] for k, x in v.items()},
+                "jax_compile_s": {k: x.get("compile_s") for k, x in v.items()},
+                "skipped": r.get("skipped", {}),
+                "speed_vs_torch_eager": {
+                    ours: v[theirs]["median_step_s"] / v[ours]["median_step_s"]
+                    for _, ours, theirs in COMPARISONS
+                    if ours in v and theirs in v
+                },
             }
-        if "torch_eval" in v and "jax_eval" in v:
-            eval_ratio = v["torch_eval"]["median_step_s"] / v["jax_eval"]["median_step_s"]
-            row.setdefault("speed_vs_torch_eager", {})["jax_eval"] = eval_ratio
-        rows.append(row)
+        )
     return rows
 
 

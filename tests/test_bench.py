@@ -55,15 +55,28 @@ def test_bench_runs_every_variant_and_writes_json(tmp_path):
         "jax_donated",
         "jax_scan",
         "jax_eval",
+        "jax_predict",
         "jax_fc1_matmuls",
         "torch_step",
         "torch_eval",
+        "torch_forward",
     }
+    assert batch["skipped"] == {}
     for v in batch["variants"].values():
         assert v["steps_per_s"] > 0 and v["gflops_per_s"] > 0 and v["first_call_s"] > 0
+    # JAX's own compile time, part of the first call (the fc1 matmuls: a tiny jit of its own)
+    assert (
+        0
+        < batch["variants"]["jax_step"]["compile_s"]
+        < batch["variants"]["jax_step"]["first_call_s"]
+    )
     text = bench.format_results(results)
-    assert "jaxnet / torch" in text and "| 2 |" in text
-    assert "fc1 matmuls alone" in text
+    # The default path is its own row, first, beside the tuned variants.
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| default path: `TrainState.create` + `jaxnet.train_step` | ")
+    assert any(r.startswith("| tuned: `train_step_donated` |") for r in rows)
+    assert any(r.startswith("| `jaxnet.inference.predict_logits`") for r in rows)
+    assert "| batch 2 |" in rows[0] and "fc1 matmuls alone" in text
     path = tmp_path / "out" / "bench.json"
     bench.write_json(results, path)
     assert json.loads(path.read_text()) == json.loads(json.dumps(results))
