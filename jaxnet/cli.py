@@ -668,11 +668,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.print_help()
         print("jaxnet: error: a command is required (listed above)", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
+    commands = _subparsers(parser)
+    if not argv[0].startswith("-") and argv[0] not in commands:
+        close = difflib.get_close_matches(argv[0], list(commands), n=1)
+        guess = f"; did you mean {close[0]}?" if close else ""
+        parser.error(f"unknown command {argv[0]!r} (choose from {', '.join(commands)}){guess}")
     args, extras = parser.parse_known_args(argv)
     if args.command is None:
-        parser.error("a command is required (jaxnet --help lists them)")
+        parser.error(_unknown(parser, extras) if extras else "a command is required")
     if extras:
-        sub = _subparsers(parser)[args.command]
+        sub = commands[args.command]
         sub.error(_unknown(sub, extras))
     return args
 

@@ -682,6 +682,12 @@ def test_misspelt_flags_get_the_subcommand_usage_and_a_guess(typo, meant, capsys
     assert "did you mean --weights" in capsys.readouterr().err
     assert main(["train", "--zzz"]) == 2
     assert "did you mean" not in capsys.readouterr().err  # nothing close: no guess
+    assert main(["--verison"]) == 2
+    assert "did you mean --version (for --verison)?" in capsys.readouterr().err
+    assert main(["trian", "--epochs", "1"]) == 2
+    assert "jaxnet: error: unknown command 'trian' (choose from summary, " in (
+        err := capsys.readouterr().err
+    ) and err.endswith("; did you mean train?\n")
 
 
 def test_train_ends_with_the_workdir_and_its_files(tmp_path) -> None:
