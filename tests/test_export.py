@@ -178,3 +178,16 @@ def test_cli_stablehlo_without_flatbuffers_names_the_fix(reference_run, tmp_path
 def test_model_info_round_trips_through_strings():
     info = ModelInfo(10, "digit", "class = the digit 0-9", 0.1 + 0.2, 1 / 3, data="mnist/")
     assert ModelInfo.from_metadata(info.to_metadata(), "x") == info
+
+
+def test_import_of_weights_trained_on_data_that_is_not_here(run_model, tmp_path, capsys):
+    params, info = run_model
+    path = save_weights(
+        params, tmp_path / "n.pt", dataclasses.replace(info, data=str(tmp_path / "gone.npz"))
+    )
+    argv = ["import", str(path), "--workdir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert "gone.npz, which is not here; pass --data" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main([*argv, "--data", "digits"]) == 0
+    assert load_params(tmp_path / "run")[1].data == "digits"
