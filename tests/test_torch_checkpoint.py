@@ -1,0 +1,76 @@
+"""jaxnet.torch_checkpoint: a trained workdir as the PyTorch tutorials' checkpoint dict, which
+torch loads (weights_only) and continues exactly as jaxnet would; and such a dict's optimizer
+state back as jaxnet's."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxnet import optim
+from jaxnet.convert import params_from_torch, params_to_torch
+from jaxnet.errors import ConfigError
+from jaxnet.torch_checkpoint import (
+    opt_state_of_checkpoint,
+    read_last_state,
+    save_torch_checkpoint,
+)
+
+torch = pytest.importorskip("torch")
+
+
+def test_export_continues_in_torch(reference_run, tmp_path) -> None:
+    """The exported dict loads into TorchNet and torch.optim.SGD, and torch's next step equals
+    jaxnet's next step from the run's last checkpoint, given the same gradients (float32
+    round-off of one step)."""
+    from jaxnet.torch_reference import TorchNet
+
+    workdir, _ = reference_run
+    out = tmp_path / "run.pt"
+    save_torch_checkpoint(workdir, out)
+    ckpt = torch.load(out, weights_only=True)
+    state, spec, meta = read_last_state(workdir)
+    assert ckpt["step"] == int(state.step) > 0 and ckpt["epoch"] == meta["epoch"]
+    assert ckpt["jaxnet"]["torch_class"] == "SGD"
+
+    net = TorchNet()
+    net.load_state_dict(ckpt["model_state_dict"])
+    opt = torch.optim.SGD(net.parameters(), **ckpt["jaxnet"]["optimizer"]["options"])
+    opt.load_state_dict(ckpt["optimizer_state_dict"])
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(16, 1, 32, 32, generator=gen), torch.randint(0, 2, (16,), generator=gen)
+    torch.nn.functional.cross_entropy(net(x), t).backward()
+    # jaxnet steps with the same gradients: what is compared is the optimizer state alone.
+    grads = params_from_torch({k: p.grad for k, p in net.named_parameters()})
+    opt.step()
+
+    updates, _ = optim.transform(spec).update(grads, state.opt_state, state.params)
+    ours = params_to_torch(optax.apply_updates(state.params, updates), as_numpy=True)
+    for k, p in net.state_dict().items():
+        scale = float(np.max(np.abs(p.numpy())))
+        assert np.max(np.abs(ours[k] - p.numpy())) <= 1e-6 * scale, k
+
+
+def test_checkpoint_optimizer_state_back(params0) -> None:
+    """A tutorial dict's optimizer state becomes jaxnet's, with the step taken from torch's own
+    count, or from ``epoch`` x batches per epoch where torch keeps none and a schedule needs it."""
+    ps = [torch.nn.Parameter(t) for t in params_to_torch(params0).values()]
+    opt = torch.optim.SGD(ps, lr=0.1, momentum=0.9)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sched_spec = optim.resolve("sgd", {"lr": 0.1}, "step_lr", {"step_size": 2}, steps_per_epoch=4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    opt.zero_grad(set_to_none=True)
+    for _ in range(3):  # epochs completed: the schedule's lr is 0.1 * 0.1 ** (3 // 2)
+        opt.step()  # no gradients: nothing moves, but the scheduler sees the order it expects
+        sched.step()
+    ckpt = {"optimizer_state_dict": opt.state_dict(), "epoch": 3}
+    state, step = opt_state_of_checkpoint(ckpt, sched_spec, params0, steps_per_epoch=4)
+    assert step == 12 and int(state[-1].count) == 12
+    buf = params_from_torch({k: torch.ones_like(v) for k, v in params_to_torch(params0).items()})
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), state[0].trace, buf))
+    with pytest.raises(ConfigError, match="no optimizer_state_dict"):
+        opt_state_of_checkpoint({"epoch": 1}, sched_spec, params0, steps_per_epoch=4)
