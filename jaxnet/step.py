@@ -235,11 +235,12 @@ def _labels_checked_on_host(
     they cannot be read here (traced inside the caller's ``jit``, or spread over processes):
     the step then checks them itself, through a host callback."""
     images, targets = batch
-    if isinstance(targets, jax.core.Tracer) or isinstance(images, jax.core.Tracer):
-        return False
-    if isinstance(targets, jax.Array) and not targets.is_fully_addressable:
-        return False
-    labels = np.asarray(targets)
+    try:
+        if isinstance(targets, jax.Array) and not targets.is_fully_addressable:
+            return False
+        labels = np.asarray(targets)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return False  # traced: only the compiled step can see the values
     if not np.issubdtype(labels.dtype, np.integer) or labels.size == 0:
         return True
     ignore = ignored_label(criterion)
