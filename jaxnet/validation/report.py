@@ -33,6 +33,15 @@ _LEGEND_F64 = (
     "(the verdict's figures)."
 )
 _NAN = float("nan")
+_VERDICT_FIELDS = (
+    "first_step_ratio",
+    "first_step_worst",
+    "drift_ratio",
+    "drift_worst_step",
+    "float64_error",
+    "float64_worst_step",
+    "float64_worst",
+)
 
 
 @dataclasses.dataclass
@@ -123,6 +132,18 @@ class Report:
             "steps": self.records,
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Report:
+        """The report ``to_dict`` (or ``save_json``, read back with ``json.load``) wrote."""
+        verdict = {k: v for k, v in data["verdict"].items() if k in _VERDICT_FIELDS}
+        return cls(
+            config=dict(data["config"]),
+            records=list(data["steps"]),
+            finite=bool(data["verdict"]["finite"]),
+            seconds=float(data["seconds"]),
+            **verdict,
+        )
+
     def verdict_lines(self) -> list[str]:
         """The checks, one line each ending in OK or FAIL, advice where a float32 run left
         the noise floor, and the verdict sentence."""
@@ -179,6 +200,7 @@ class Report:
         console = console or Console()
         if not console.is_terminal:  # a pipe or file: wide enough for the table
             console.width = max(console.width, 104)
+        console.print(self._title(), style="bold", markup=False, soft_wrap=True)
         console.print(self._table())
         legend = _LEGEND_F64 if self.precision == "float64" else _LEGEND
         console.print(legend, style="dim", markup=False, soft_wrap=True)
@@ -213,8 +235,6 @@ class Report:
         from rich.table import Table
 
         t = Table(
-            title=self._title(),
-            title_justify="left",
             header_style="bold",
             box=box.SIMPLE_HEAD,
             padding=(0, 1),
@@ -276,15 +296,16 @@ class Report:
 
         c = self.config
         if self.precision == "float64":
-            fig, ax = plt.subplots(figsize=(5.5, 3.4), constrained_layout=True)
+            fig, ax = plt.subplots(figsize=(8, 3.6), constrained_layout=True)
             self._plot_float64(ax)
         else:
-            fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+            fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
             self._plot_float32(axes)
+        loss = f"{c['loss']}({_fmt_opts(c['loss_options'])})"
         fig.suptitle(
-            f"{c['loss']} / {c['optimizer']}({_fmt_opts(c['optimizer_options'])}), batch "
-            f"{c['batch_size']}, {self.precision}, {c['device']}",
-            fontsize=9,
+            f"{loss} / {c['optimizer']}({_fmt_opts(c['optimizer_options'])})\n"
+            f"batch {c['batch_size']}, {self.precision}, {c['device']}",
+            fontsize=8,
         )
         save_figure(fig, path, dpi=80)
 
@@ -326,7 +347,7 @@ class Report:
         ax.axhline(tol, color="k", ls="--", lw=0.8, label=f"limit {tol:g}")
         ax.axhline(2.0**-52, color="gray", ls=":", lw=0.8, label="float64 ulp (2^-52)")
         ax.set_xlabel("step")
-        ax.set_ylabel("relative L2 distance, jaxnet f64 vs torch f64")
+        ax.set_ylabel("relative L2 distance\njaxnet f64 vs torch f64")
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7)
 
