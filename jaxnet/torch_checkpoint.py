@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import serialization
 
 from jaxnet import data, optim
 from jaxnet.config import TrainConfig, config_from_json
-from jaxnet.convert import params_to_torch
+from jaxnet.convert import WeightFileError, params_to_torch
 from jaxnet.errors import ConfigError
 from jaxnet.io import atomic_write
 from jaxnet.model import Net
@@ -33,7 +34,19 @@ from jaxnet.optstate import opt_state_from_torch, opt_state_to_torch, torch_sche
 from jaxnet.step import TrainState, create_train_state
 from jaxnet.workdir import checkpoints_of
 
-__all__ = ["optimizer_spec", "opt_state_of_checkpoint", "read_last_state", "save_torch_checkpoint"]
+__all__ = [
+    "TORCH_OPTIMIZER_FILE",
+    "keep_optimizer_state",
+    "opt_state_of_checkpoint",
+    "optimizer_spec",
+    "read_last_state",
+    "resumed_state",
+    "save_torch_checkpoint",
+]
+
+TORCH_OPTIMIZER_FILE = "torch_optimizer.pt"
+"""Where ``jaxnet import`` keeps a checkpoint dict's optimizer state in a workdir, for the
+first ``jaxnet train --resume`` to start from (``{"optimizer_state_dict", "epoch", "step"}``)."""
 
 
 def optimizer_spec(config: TrainConfig, num_train: int) -> optim.OptimizerSpec:
@@ -118,3 +131,45 @@ def opt_state_of_checkpoint(
         return opt_state_from_torch(sd, spec, params, step=step), int(step or 0)
     except ConfigError as e:
         raise ConfigError(f"the checkpoint's optimizer state: {e}") from e
+
+
+def keep_optimizer_state(ckpt: Mapping[str, Any], workdir: str | os.PathLike) -> bool:
+    """Keep a checkpoint dict's optimizer state (with its ``epoch`` and ``step``) as
+    ``<workdir>/torch_optimizer.pt``, atomically; False (nothing written) when it has none."""
+    if not isinstance(ckpt.get("optimizer_state_dict"), Mapping):
+        return False
+    import torch
+
+    kept = {k: ckpt[k] for k in ("optimizer_state_dict", "epoch", "step") if k in ckpt}
+    atomic_write(Path(workdir) / TORCH_OPTIMIZER_FILE, lambda tmp: torch.save(kept, tmp))
+    return True
+
+
+def resumed_state(
+    workdir: str | os.PathLike, config: TrainConfig, num_train: int, state: TrainState
+) -> TrainState | None:
+    """``state`` with the optimizer state and step kept by ``keep_optimizer_state`` in
+    ``workdir`` (None when there is none): how a run imported from a PyTorch checkpoint dict
+    continues the torch run, its hyperparameters checked against ``config``'s."""
+    path = Path(workdir) / TORCH_OPTIMIZER_FILE
+    if not path.is_file():
+        return None
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightFileError(
+            f"{path} (kept by jaxnet import) cannot be read ({str(e).splitlines()[0]}); import "
+            "the checkpoint again with jaxnet import --overwrite."
+        ) from e
+    spec = optimizer_spec(config, num_train)
+    steps_per_epoch = data.num_batches(num_train, config.batch_size)
+    try:
+        opt_state, step = opt_state_of_checkpoint(ckpt, spec, state.params, steps_per_epoch)
+    except (ConfigError, WeightFileError) as e:
+        raise type(e)(
+            f"cannot continue the PyTorch run imported into {workdir}: {e} On the command line: "
+            "--optimizer, --lr, --opt and --schedule/--sched-opt as the torch run had them."
+        ) from e
+    return state.replace(opt_state=opt_state, step=jnp.asarray(step, jnp.asarray(state.step).dtype))

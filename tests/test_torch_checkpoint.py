@@ -74,3 +74,34 @@ def test_checkpoint_optimizer_state_back(params0) -> None:
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), state[0].trace, buf))
     with pytest.raises(ConfigError, match="no optimizer_state_dict"):
         opt_state_of_checkpoint({"epoch": 1}, sched_spec, params0, steps_per_epoch=4)
+
+
+def test_import_keeps_and_train_resumes_optimizer_state(params0, tmp_path) -> None:
+    """What jaxnet import keeps of a tutorial dict, jaxnet train --resume starts from: the
+    torch optimizer's state and step; other settings than the torch run's are refused."""
+    from conftest import NET
+
+    from jaxnet.config import TrainConfig
+    from jaxnet.step import create_train_state
+    from jaxnet.torch_checkpoint import keep_optimizer_state, optimizer_spec, resumed_state
+
+    ps = [torch.nn.Parameter(t) for t in params_to_torch(params0).values()]
+    opt = torch.optim.Adam(ps, lr=1e-3)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.step()
+    assert not keep_optimizer_state({"model_state_dict": {}}, tmp_path)
+    assert keep_optimizer_state({"optimizer_state_dict": opt.state_dict(), "epoch": 1}, tmp_path)
+
+    config = TrainConfig(optimizer="adam", lr=1e-3, batch_size=16)
+    tx = optim.transform(optimizer_spec(config, 160))
+    state = create_train_state(jax.random.key(0), NET, tx, params=params0)
+    resumed = resumed_state(tmp_path, config, 160, state)
+    assert int(resumed.step) == 2 and int(resumed.opt_state[0].count) == 2
+    mu = params_to_torch(resumed.opt_state[0].mu, as_numpy=True)
+    np.testing.assert_array_equal(mu["fc1.weight"], opt.state_dict()["state"][4]["exp_avg"])
+    other = TrainConfig(optimizer="adam", lr=1e-2, batch_size=16)
+    with pytest.raises(ValueError, match=r"lr=0\.001 \(jaxnet's: 0\.01\).*--lr"):
+        resumed_state(tmp_path, other, 160, state)
+    assert resumed_state(tmp_path / "elsewhere", config, 160, state) is None
