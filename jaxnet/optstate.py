@@ -4,14 +4,14 @@ continues in the other exactly as it would have continued in the first.
 
 What moves:
 
-* per-parameter buffers (SGD's and RMSprop's ``momentum_buffer``, Adam's ``exp_avg``,
-  ``exp_avg_sq`` and ``max_exp_avg_sq``, RMSprop's ``square_avg`` and ``grad_avg``), laid out
-  by ``jaxnet.convert``'s mapping table, the same transforms as the weights (a buffer is a sum
-  of gradients, and every layout transform there is a permutation);
-* the step count: torch's per-parameter ``step`` (Adam, RMSprop) becomes every ``count`` of the
-  optax state (the moments' bias corrections, SGD's first-step rule, the learning-rate
-  schedule's position, OneCycleLR's momentum cycling). ``torch.optim.SGD`` keeps no step
-  count: pass ``step=`` when it matters (a schedule);
+* per-parameter buffers (``_BUFFERS``: momentum buffers, moments, AMSGrad maxima, averages,
+  Adagrad's sums; NAdam's ``mu_product``, one scalar here, one per parameter in torch), laid
+  out by ``jaxnet.convert``'s mapping table, the same transforms as the weights (a buffer is
+  built from gradients, and every layout transform there is a permutation);
+* the step count: torch's per-parameter ``step`` (every optimizer but SGD) becomes every
+  ``count`` of the optax state (bias corrections, SGD's first-step rule, the schedule's
+  position, OneCycleLR's momentum cycling). ``torch.optim.SGD`` keeps no step count, and the
+  optax states of RMSprop and Adadelta none: pass ``step=`` where it is needed;
 * torch's "no buffer yet" first step: SGD's ``momentum_buffer`` is absent until the first step
   and its first step copies the gradient, undamped. jaxnet's dampened momentum keeps that rule
   behind ``count == 0``; ``optax.trace`` (dampening 0) starts from zeros, which is the same
