@@ -33,10 +33,16 @@ F = torch.nn.functional
 FAST = {"batch_size": 2, "torch_threads": 1}
 
 
-def test_short_run_is_equal_and_records_every_step(tmp_path) -> None:
-    r = jaxnet.validate(
+@pytest.fixture(scope="module")
+def short_run():
+    """3 steps of SGD with momentum, batch 2: the report several tests read."""
+    return jaxnet.validate(
         steps=3, optimizer="sgd", optimizer_options={"lr": 0.01, "momentum": 0.9}, **FAST
     )
+
+
+def test_short_run_is_equal_and_records_every_step(short_run, tmp_path) -> None:
+    r = short_run
     assert r.passed and r.exit_code == 0
     assert [rec["step"] for rec in r.records] == [1, 2, 3]
     rec = r.records[0]
@@ -70,15 +76,15 @@ def test_short_run_is_equal_and_records_every_step(tmp_path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_printed_table_marks_clamped_floors_and_labels_the_time() -> None:
+def test_printed_table_marks_clamped_floors_and_labels_the_time(short_run) -> None:
     from rich.console import Console
 
-    r = jaxnet.validate(steps=2, optimizer_options={"lr": 0.01}, **FAST)
+    r = short_run
     console = Console(record=True, width=200, force_terminal=False)
     r.print(console)
     text = console.export_text()
     rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
-    assert [int(row[0]) for row in rows] == [1, 2]
+    assert [int(row[0]) for row in rows] == [1, 2, 3]
     for row, floor in zip(rows, r.noise_floor(), strict=True):
         # The floor is printed as measured; below 2^-24 it is starred and the ratio uses 2^-24.
         assert row[-2].endswith("*") == (floor < 2.0**-24)
