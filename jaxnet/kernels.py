@@ -103,14 +103,20 @@ def _conv3x3_dkernel_chunked(x: jax.Array, g: jax.Array) -> jax.Array:
     return functools.reduce(jnp.add, parts)
 
 
+def _conv3x3_dkernel_autodiff(x: jax.Array, g: jax.Array) -> jax.Array:
+    # JAX's own transpose of the forward convolution (the convolution is linear in the kernel,
+    # so the point of the vjp does not matter): the form XLA:GPU recognises as a backward-filter
+    # convolution and hands to cuDNN's backward-filter kernels, as PyTorch does.
+    zero = jnp.zeros((3, 3, x.shape[-1], g.shape[-1]), jnp.result_type(x, g))
+    _, vjp = jax.vjp(lambda k: _conv3x3_xla(x, k), zero)
+    return vjp(g)[0]
+
+
 def _conv3x3_dkernel(x: jax.Array, g: jax.Array) -> jax.Array:
-    if x.shape[0] <= _DKERNEL_CHUNK:
-        return _conv3x3_dkernel_single(x, g)
-    # Lowered for the platform the step runs on: one convolution wherever the library
-    # threshold above does not apply (GPU, TPU).
-    return jax.lax.platform_dependent(
-        x, g, cpu=_conv3x3_dkernel_chunked, default=_conv3x3_dkernel_single
-    )
+    # Lowered for the platform the step runs on: on CPU the forms above; elsewhere (GPU, TPU)
+    # autodiff's backward-filter convolution.
+    cpu = _conv3x3_dkernel_single if x.shape[0] <= _DKERNEL_CHUNK else _conv3x3_dkernel_chunked
+    return jax.lax.platform_dependent(x, g, cpu=cpu, default=_conv3x3_dkernel_autodiff)
 
 
 def _conv3x3_dinput_conv(g: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -105,6 +105,7 @@ def test_chunked_kernel_gradient_equals_one_convolution(n):
         kernels._conv3x3_dkernel_chunked,
         kernels._conv3x3_dkernel,
         kernels._conv3x3_dkernel_single,
+        kernels._conv3x3_dkernel_autodiff,  # the form used off the CPU
     )
     for fn in fns:
         out = np.asarray(jax.jit(fn)(x, g), np.float64)
