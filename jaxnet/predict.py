@@ -29,6 +29,7 @@ import io
 import json
 import os
 import textwrap
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,11 +232,19 @@ def _image_files(paths: Sequence[Path], rule: str) -> Images:
 
 
 def _npz(path: Path) -> Images:
+    """An ``.npz`` with ``x`` (and optional labels ``y``), or a ``.npy`` of images only."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise ConfigError(f"{path} is not a readable .npz file ({e}).") from None
+        loaded = np.load(path, allow_pickle=False)  # the file is data: no pickled objects
+        if isinstance(loaded, np.ndarray):
+            arrays = {"x": loaded}
+        else:
+            with loaded:
+                arrays = {k: loaded[k] for k in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ConfigError(
+            f"{path} is not a readable .npz/.npy file ({e}); write it with "
+            "np.savez(path, x=images, y=labels)."
+        ) from None
     if "x" not in arrays:
         raise ConfigError(f"{path} has no array x (found {sorted(arrays)}); save the images as x.")
     x = data._check_images(arrays["x"], f"{path} x")  # as training reads them: uint8 / 255

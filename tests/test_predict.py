@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from jaxnet import data, inference
 from jaxnet.cli import main
+from jaxnet.errors import ConfigError
 from jaxnet.export import run_info, save_weights
 from jaxnet.predict import (
     confusion_matrix,
@@ -140,6 +141,11 @@ def test_weights_file_and_idx_folder(model, tmp_path):
     _drawn_zero().convert("RGB").save(pictures / "b.jpg")
     (pictures / "notes.txt").write_text("not an image")
     assert load_images(pictures, model.info).names == ["a.png", "b.jpg"]
+    np.save(tmp_path / "x.npy", images.pixels[..., 0])  # images alone, no labels
+    assert load_images(tmp_path / "x.npy", model.info).labels is None
+    (tmp_path / "bad.npz").write_text("not a zip")
+    with pytest.raises(ConfigError, match=r"not a readable \.npz/\.npy file"):
+        load_images(tmp_path / "bad.npz", model.info)
 
 
 @pytest.mark.parametrize(
