@@ -583,7 +583,7 @@ def _predict_parser(sub: Any) -> None:
         "classify images with a trained run or a weight file; write CSV or JSON",
         _cmd_predict,
         description="jaxnet predict --workdir W (or --weights FILE) --data SOURCE\n"
-        "SOURCE: an .npz (x, optional labels y), a folder of MNIST IDX files, or a PNG/JPEG\n"
+        "SOURCE: an .npz (x, optional labels y) or .npy, a folder of MNIST IDX files, a PNG/JPEG\n"
         "image or a folder of them (drawn digits; see --image-rule). With labels, the\n"
         "accuracy and the confusion matrix are printed and drawn (<out>.confusion.png).",
     )

@@ -1,7 +1,7 @@
 """``jaxnet predict``: classify new images with a trained ``Net``.
 
 The pipeline: a model (a run's workdir, or a self-describing weight file), images from a
-source (an ``.npz``, a folder of MNIST IDX files, a PNG/JPEG image or a folder of them),
+source (an ``.npz`` or ``.npy``, a folder of MNIST IDX files, a PNG/JPEG image or a folder of them),
 normalised exactly as in training (``ModelInfo.normalise``), then ``jaxnet.inference.predict``.
 The result is written as CSV or JSON, one row per image; with labels, also the accuracy and
 the confusion matrix (text and PNG).
