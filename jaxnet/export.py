@@ -301,13 +301,7 @@ def export_stablehlo(
     """
     path = Path(path)
     exported = stablehlo_inference(params, info.num_classes, platforms)
-    try:
-        blob = exported.serialize()
-    except ImportError as e:  # jax's serialization format is a flatbuffer
-        raise ConfigError(
-            f"writing a StableHLO export needs the flatbuffers package ({e}); install it with "
-            "pip install flatbuffers, or export the weights as .safetensors instead."
-        ) from None
+    blob = exported.serialize()  # a flatbuffer (the flatbuffers package, a dependency)
     sidecar = {**dataclasses.asdict(dataclasses.replace(info, layout=LAYOUT_JAX))}
     sidecar["platforms"] = list(platforms)
     text = json.dumps(sidecar, indent=1) + "\n"

@@ -5,7 +5,6 @@ serving artifact, checked against ``Net.apply`` bit for bit."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -32,7 +31,6 @@ from jaxnet.workdir import load_params
 torch = pytest.importorskip("torch")
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
-HAS_FLATBUFFERS = importlib.util.find_spec("flatbuffers") is not None
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +148,6 @@ def test_stablehlo_inference_equals_net_apply_bit_for_bit(run_model):
         np.testing.assert_array_equal(got, np.asarray(apply({"params": params}, x)))
 
 
-@pytest.mark.skipif(not HAS_FLATBUFFERS, reason="jax.export serialization needs flatbuffers")
 def test_cli_stablehlo_file_deserializes_and_agrees(reference_run, run_model, tmp_path):
     workdir, _ = reference_run
     params, info = run_model
@@ -163,16 +160,6 @@ def test_cli_stablehlo_file_deserializes_and_agrees(reference_run, run_model, tm
     np.testing.assert_array_equal(np.asarray(exported.call(x)), np.asarray(want))
     sidecar = json.loads((tmp_path / "net.stablehlo.json").read_text())
     assert sidecar["mean"] == info.mean and sidecar["layout"].startswith("NHWC")
-
-
-@pytest.mark.skipif(HAS_FLATBUFFERS, reason="flatbuffers is installed")
-def test_cli_stablehlo_without_flatbuffers_names_the_fix(reference_run, tmp_path, capsys):
-    workdir, _ = reference_run
-    out = tmp_path / "net.stablehlo"
-    args = ["export", str(out), "--workdir", str(workdir), "--platforms", "cpu"]
-    assert main(args) == 2
-    assert "pip install flatbuffers" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
 def test_model_info_round_trips_through_strings():
