@@ -76,6 +76,10 @@ _SCALARS: dict[type, dict[str, str]] = {
 }
 """Per optax state type: a scalar field that torch keeps once per parameter, all equal."""
 
+_PLATEAU = "reduce_lr_on_plateau"
+"""The one schedule driven by a metric: its state (``optim.PlateauLrState``) crosses with the
+torch scheduler's ``state_dict()``, and its lr is the param_group's."""
+
 _STEPLESS = frozenset({"sgd"})
 """The optimizers whose torch state has no per-parameter ``step`` (every other one has)."""
 
@@ -139,8 +143,8 @@ def _unmapped(owner: Any, spec: optim.OptimizerSpec) -> ConfigError:
     return ConfigError(
         f"optimizer {spec.name!r} with schedule {spec.schedule!r}{what} has no torch.optim "
         f"state mapping in jaxnet.optstate; optimizer state crosses frameworks for "
-        f"{', '.join(optim.TORCH_CLASSES)} with a schedule other than reduce_lr_on_plateau. "
-        "Convert the weights alone (jaxnet.params_from_torch) and start the optimizer afresh."
+        f"{', '.join(optim.TORCH_CLASSES)}. Convert the weights alone "
+        "(jaxnet.params_from_torch) and start the optimizer afresh."
     )
 
 
@@ -165,6 +169,8 @@ class _Entries:
 def _fill(node: Any, entries: _Entries, spec: Any, owner: Any = None) -> Any:
     """``node`` (a template optax state) with every mapped field replaced by ``entries``'
     value for its torch key (where there is one) and every ``count`` by ``entries.counts[0]``."""
+    if isinstance(node, optim.PlateauLrState):
+        return node  # set from the torch scheduler's state by _with_plateau
     if _is_state(node):
         trees, scalars = _BUFFERS.get(type(node), {}), _SCALARS.get(type(node), {})
         values = {}
@@ -189,6 +195,8 @@ def _fill(node: Any, entries: _Entries, spec: Any, owner: Any = None) -> Any:
 
 def _collect(node: Any, entries: _Entries, spec: Any, owner: Any = None) -> _Entries:
     """``entries`` with the mapped fields and every ``count`` of an optax state added."""
+    if isinstance(node, optim.PlateauLrState):
+        return entries  # read by plateau_of
     if _is_state(node):
         trees, scalars = _BUFFERS.get(type(node), {}), _SCALARS.get(type(node), {})
         for field in node._fields:
@@ -235,7 +243,7 @@ def _check_spec(spec: Any) -> optim.OptimizerSpec:
             "jaxnet.optim.resolve(name, options, schedule, schedule_options), the spec that "
             "jaxnet.optim.transform turns into the transform."
         )
-    if spec.name not in optim.TORCH_CLASSES or spec.schedule == "reduce_lr_on_plateau":
+    if spec.name not in optim.TORCH_CLASSES:
         raise _unmapped(None, spec)
     return spec
 
@@ -263,6 +271,8 @@ def _replay(spec: optim.OptimizerSpec, steps: int) -> tuple[Any, Any]:
         return opt, None
     sched_cls = getattr(torch.optim.lr_scheduler, schedules.TORCH_CLASSES[spec.schedule])
     sched = sched_cls(opt, **spec.schedule_options)
+    if spec.schedule == _PLATEAU:
+        return opt, sched  # stepped on a metric, not by steps: its state comes from the run's
     for i in range(steps):
         opt.step()  # a no-op (no gradients) that tells the scheduler the optimizer stepped
         if (i + 1) % spec.schedule_every == 0:
@@ -310,6 +320,8 @@ def _check_kind(group: Mapping[str, Any], spec: optim.OptimizerSpec) -> None:
 def _check_values(group: Mapping[str, Any], spec: optim.OptimizerSpec, steps: int) -> None:
     """``group`` must hold the hyperparameters ``spec`` gives torch after ``steps`` steps."""
     want = _wanted_group(spec, steps)
+    if spec.schedule == _PLATEAU:
+        del want["lr"]  # the scheduler's, checked with its state (_plateau_from_torch)
     wrong = [
         f"{k}={group[k]!r} (jaxnet's: {v!r})" for k, v in want.items() if not _same(group[k], v)
     ]
@@ -320,6 +332,49 @@ def _check_values(group: Mapping[str, Any], spec: optim.OptimizerSpec, steps: in
             "Resolve the jaxnet optimizer with the torch run's values (jaxnet.optim.resolve("
             "name, options, ...)), or pass the state_dict of the run that used these."
         )
+
+
+_PLATEAU_RULE = ("factor", "patience", "cooldown", "eps", "mode", "threshold", "threshold_mode")
+"""The ``ReduceLROnPlateau`` arguments a scheduler ``state_dict()`` records (and ``min_lrs``)."""
+
+
+def _plateau_from_torch(
+    sched_state: Any, group: Mapping[str, Any], spec: optim.OptimizerSpec, dtype: Any
+) -> optim.PlateauLrState:
+    """The jaxnet plateau state of a torch ``ReduceLROnPlateau.state_dict()`` whose optimizer's
+    lr is ``group["lr"]``; its arguments must be ``spec``'s."""
+    if not isinstance(sched_state, Mapping):
+        raise ConfigError(
+            "reduce_lr_on_plateau keeps its state in the torch scheduler: pass "
+            "scheduler_state=scheduler.state_dict() (a checkpoint's 'scheduler_state_dict')."
+        )
+    _, sched = _torch_replay(spec, 0)
+    want = sched.state_dict()
+    keys = [*_PLATEAU_RULE, "min_lrs", "best", "last_epoch", "num_bad_epochs", "cooldown_counter"]
+    missing = [k for k in keys if k not in sched_state]
+    wrong = [
+        k
+        for k in (*_PLATEAU_RULE, "min_lrs")
+        if k in sched_state and not _same(sched_state[k], want[k])
+    ]
+    problems = ([f"it lacks {', '.join(missing)}"] if missing else []) + [
+        f"{k}={sched_state[k]!r}" for k in wrong
+    ]
+    if problems:
+        raise WeightFileError(
+            "the scheduler state_dict is not one of torch's ReduceLROnPlateau with the jaxnet "
+            f"schedule's arguments ({', '.join(f'{k}={want[k]!r}' for k in _PLATEAU_RULE)}): "
+            f"{'; '.join(problems)}. Pass the run's own scheduler.state_dict(), or its "
+            "arguments as the jaxnet schedule's (--sched-opt)."
+        )
+    plateau = schedules.Plateau(
+        lr=float(group["lr"]),
+        best=float(sched_state["best"]),
+        last_epoch=int(sched_state["last_epoch"]),
+        num_bad_epochs=int(sched_state["num_bad_epochs"]),
+        cooldown_counter=int(sched_state["cooldown_counter"]),
+    )
+    return optim._plateau_state(plateau, dtype)  # optim's one encoding of the plateau state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +452,7 @@ def _steps(per_param: Mapping[str, Mapping[str, Any]], step: int | None, spec: A
         if step == 0 and per_param:
             raise ConfigError("step=0 but the torch state has buffers: pass the steps taken.")
         return step
-    if spec.schedule is not None:
+    if spec.schedule not in (None, _PLATEAU):
         raise ConfigError(
             f"torch.optim.{optim.TORCH_CLASSES[spec.name]} does not record its step count, and "
             f"the schedule {spec.schedule!r} needs it: pass step=<optimizer steps taken> "
@@ -412,6 +467,7 @@ def opt_state_from_torch(
     params: Any,
     *,
     step: int | None = None,
+    scheduler_state: Mapping[str, Any] | None = None,
 ) -> optax.OptState:
     """A ``torch.optim`` optimizer's ``state_dict`` as the optax state of
     ``jaxnet.optim.transform(spec)`` for ``params``.
@@ -426,6 +482,8 @@ def opt_state_from_torch(
         take their dtype.
       step: optimizer steps taken, for optimizers that do not record it (SGD) when a schedule
         needs it; checked against torch's ``step`` where torch records one.
+      scheduler_state: ``scheduler.state_dict()`` of torch's ``ReduceLROnPlateau``, for a
+        ``reduce_lr_on_plateau`` spec (the other schedules' position is the step count).
 
     Returns:
       ``tx.init(params)``'s structure with torch's buffers and step count: ``tx.update`` then
@@ -451,7 +509,10 @@ def opt_state_from_torch(
     if per_param:
         found.trees = {k: _to_jax_tree(per_param[k], k, params) for k in wanted.trees}
         found.scalars = {k: _one_scalar(per_param[k], k) for k in wanted.scalars}
-    return _fill(template, found, spec)
+    state = _fill(template, found, spec)
+    if spec.schedule != _PLATEAU:
+        return state
+    return state[0], _plateau_from_torch(scheduler_state, group, spec, state[1].lr.dtype)
 
 
 def _step_key(spec: optim.OptimizerSpec) -> set[str]:
@@ -561,12 +622,31 @@ def opt_state_to_torch(
     fresh = steps == 0 and not opt.state  # torch fills a fresh state at its first step
     state = {} if fresh else _torch_state(entries, steps, names, spec)
     group = {**opt.param_groups[0], "params": list(range(len(names)))}
+    if spec.schedule == _PLATEAU:
+        group["lr"] = optim.plateau_of(opt_state[1]).lr
     return {"state": state, "param_groups": [group]}
 
 
-def torch_scheduler_state(spec: optim.OptimizerSpec, steps: int) -> dict[str, Any] | None:
+def torch_scheduler_state(
+    spec: optim.OptimizerSpec, steps: int, opt_state: optax.OptState | None = None
+) -> dict[str, Any] | None:
     """``scheduler.state_dict()`` of the torch scheduler of ``spec`` after ``steps`` optimizer
     steps (``None`` without a schedule): what ``scheduler.load_state_dict`` takes to continue
-    the schedule where jaxnet's count is."""
+    the schedule where jaxnet's count is. ``reduce_lr_on_plateau`` needs the ``opt_state``
+    (its state is the run's metrics', not a function of the steps)."""
     _, sched = _torch_replay(_check_spec(spec), steps)
-    return None if sched is None else sched.state_dict()
+    if sched is None:
+        return None
+    if spec.schedule == _PLATEAU:
+        if opt_state is None:
+            raise ConfigError(
+                "reduce_lr_on_plateau's torch state comes from the run: pass opt_state."
+            )
+        plateau = optim.plateau_of(opt_state[1])
+        sched.best, sched.last_epoch = plateau.best, plateau.last_epoch
+        sched.num_bad_epochs, sched.cooldown_counter = (
+            plateau.num_bad_epochs,
+            plateau.cooldown_counter,
+        )
+        sched._last_lr = [plateau.lr]  # what get_last_lr() reports: the lr torch steps with
+    return sched.state_dict()

@@ -46,7 +46,8 @@ __all__ = [
 
 TORCH_OPTIMIZER_FILE = "torch_optimizer.pt"
 """Where ``jaxnet import`` keeps a checkpoint dict's optimizer state in a workdir, for the
-first ``jaxnet train --resume`` to start from (``{"optimizer_state_dict", "epoch", "step"}``)."""
+first ``jaxnet train --resume`` to start from (``optimizer_state_dict``, and where the dict has
+them ``scheduler_state_dict``, ``epoch`` and ``step``)."""
 
 
 def optimizer_spec(config: TrainConfig, num_train: int) -> optim.OptimizerSpec:
@@ -106,7 +107,7 @@ def save_torch_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike) ->
     history = meta.get("history") or []
     if history:
         ckpt["loss"] = float(history[-1]["train_loss"])
-    sched = torch_scheduler_state(spec, step)
+    sched = torch_scheduler_state(spec, step, state.opt_state)
     if sched is not None:
         ckpt["scheduler_state_dict"] = sched
     atomic_write(out, lambda tmp: torch.save(ckpt, tmp))
@@ -125,10 +126,12 @@ def opt_state_of_checkpoint(
         raise ConfigError("the checkpoint has no optimizer_state_dict to resume from.")
     recorded = {float(s["step"]) for s in sd.get("state", {}).values() if "step" in s}
     step = int(recorded.pop()) if len(recorded) == 1 else ckpt.get("step")
-    if step is None and spec.schedule is not None and "epoch" in ckpt:
+    if step is None and spec.schedule not in (None, "reduce_lr_on_plateau") and "epoch" in ckpt:
         step = int(ckpt["epoch"]) * steps_per_epoch
     try:
-        return opt_state_from_torch(sd, spec, params, step=step), int(step or 0)
+        sched = ckpt.get("scheduler_state_dict")
+        opt_state = opt_state_from_torch(sd, spec, params, step=step, scheduler_state=sched)
+        return opt_state, int(step or 0)
     except ConfigError as e:
         raise ConfigError(f"the checkpoint's optimizer state: {e}") from e
 
@@ -140,7 +143,8 @@ def keep_optimizer_state(ckpt: Mapping[str, Any], workdir: str | os.PathLike) ->
         return False
     import torch
 
-    kept = {k: ckpt[k] for k in ("optimizer_state_dict", "epoch", "step") if k in ckpt}
+    keys = ("optimizer_state_dict", "scheduler_state_dict", "epoch", "step")
+    kept = {k: ckpt[k] for k in keys if k in ckpt}
     atomic_write(Path(workdir) / TORCH_OPTIMIZER_FILE, lambda tmp: torch.save(kept, tmp))
     return True
 

@@ -346,6 +346,30 @@ def test_refuses_what_it_cannot_know(params0) -> None:
         opt_state_to_torch(optim.transform(rms).init(params0), rms, params0)
     with pytest.raises(ConfigError, match="structure of 'adam'"):
         opt_state_to_torch(optim.transform(rms).init(params0), optim.resolve("adam", {}), params0)
-    plateau = optim.resolve("sgd", {}, "reduce_lr_on_plateau", {})
-    with pytest.raises(ConfigError, match="reduce_lr_on_plateau"):
-        opt_state_to_torch(optim.transform(plateau).init(params0), plateau, params0)
+
+
+def test_reduce_lr_on_plateau_crosses(params0) -> None:
+    """ReduceLROnPlateau's state (lr, best, counters) crosses with the torch scheduler's
+    state_dict, and both frameworks then reduce the lr on the same metrics alike."""
+    spec = optim.resolve("sgd", {"lr": 0.1}, "reduce_lr_on_plateau", {"patience": 0, "factor": 0.5})
+    run = torch_optimizer(spec, torch.float32, initial_weights())
+    torch_steps(run[:2] + (None,), gradient_stream()[:1])  # stepped per epoch, on a metric
+    for metric in (1.0, 2.0):  # the second epoch is worse: lr 0.1 -> 0.05
+        run[2].step(metric)
+    theirs, sched = run[1].state_dict(), run[2].state_dict()
+    with pytest.raises(ConfigError, match="scheduler_state="):
+        opt_state_from_torch(theirs, spec, params0)
+    state = opt_state_from_torch(theirs, spec, params0, scheduler_state=sched)
+    plateau = optim.plateau_of(state[1])
+    assert (plateau.lr, plateau.best, plateau.last_epoch) == (0.05, 1.0, 2)
+
+    state = optim.plateau_step(optim.transform(spec), state, 3.0)  # worse again: 0.025
+    run[2].step(3.0)
+    fresh = torch_optimizer(spec, torch.float32, initial_weights())
+    fresh[1].load_state_dict(opt_state_to_torch(state, spec, params0))
+    fresh[2].load_state_dict(torch_scheduler_state(spec, 1, state))
+    assert fresh[1].param_groups[0]["lr"] == run[1].param_groups[0]["lr"] == 0.025
+    assert fresh[2].state_dict() == run[2].state_dict()
+    other = {**sched, "factor": 0.1}
+    with pytest.raises(WeightFileError, match=r"factor=0\.1.*--sched-opt"):
+        opt_state_from_torch(theirs, spec, params0, scheduler_state=other)
