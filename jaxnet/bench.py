@@ -70,6 +70,10 @@ __all__ = [
 ]
 
 DEFAULT_BATCH_SIZES = (1, 8, 32, 128, 256, 1024)
+TORCH_COMPILE_OPTIONS = {"mode": "default", "dynamic": False}
+"""``torch.compile``'s arguments: the default mode, and one static-shape graph per batch size
+(compiled in that batch size's first call, after ``torch._dynamo.reset()``), as a training
+script with one batch size gets."""
 
 
 @dataclass(frozen=True)
@@ -199,11 +203,12 @@ def time_limit(seconds: float | None, error: Callable[[str], BaseException]) -> 
             signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3))
 
 
-def matmul_peak_gflops(n: int | None = None, reps: int = 7) -> float:
-    """GFLOP/s of an ``n x n`` float32 ``jnp`` matmul (n: 2048 on CPU, 8192 on GPU), from the
-    fastest of ``reps`` runs: a peak, which a moment of load from elsewhere must not lower."""
+def matmul_peak_gflops(n: int | None = None, reps: int = 7, dtype: str = "float32") -> float:
+    """GFLOP/s of an ``n x n`` ``jnp`` matmul in ``dtype`` (float32 at full precision, or
+    bfloat16; n: 2048 on CPU, 8192 on GPU), from the fastest of ``reps`` runs: a peak, which a
+    moment of load from elsewhere must not lower."""
     n = n or (8192 if _on_gpu() else 2048)
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     matmul = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest"))
     matmul(a, a).block_until_ready()
     times = []
@@ -397,7 +402,11 @@ def _torch_variants(
     def make_step(compiled: bool) -> Callable[[], Any]:
         net = TorchNet().to(device)
         net.load_state_dict(state_dict)
-        model = torch.compile(net) if compiled else net
+        if compiled:  # each batch size compiles afresh, in its own first call
+            import torch._dynamo as dynamo
+
+            dynamo.reset()
+        model = torch.compile(net, **TORCH_COMPILE_OPTIONS) if compiled else net
         opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
 
         def run() -> Any:
@@ -576,13 +585,13 @@ def _run_bench(
     else:
         params = init_params(Net(), jax.random.key(cfg.seed))
     cfg_used = BenchConfig(**{**asdict(cfg), "torch": torch_ok})
-    peak = matmul_peak_gflops(cfg.peak_size)
+    peak = matmul_peak_gflops(cfg.peak_size, dtype=cfg.dtype)
     machine = {
         "jax_backend": jax.default_backend(),
         "jax_device": str(jax.devices()[0].device_kind),
         "jax_version": jax.__version__,
         "cpu_count": os.cpu_count(),
-        "matmul_peak_gflops": peak,
+        "matmul_peak_gflops": peak,  # in the run's dtype
     }
     if torch_ok:
         machine.update(
@@ -590,8 +599,9 @@ def _run_bench(
             torch_device=_torch_device(),
             torch_threads=torch.get_num_threads(),
         )
-    log(f"float32 matmul peak (jnp, same run): {peak:.1f} GFLOP/s on {machine['jax_device']}")
-    results: dict[str, Any] = {"machine": machine, "config": asdict(cfg_used), "batches": []}
+    log(f"{cfg.dtype} matmul peak (jnp, same run): {peak:.1f} GFLOP/s on {machine['jax_device']}")
+    config = {**asdict(cfg_used), "torch_compile_options": TORCH_COMPILE_OPTIONS}
+    results: dict[str, Any] = {"machine": machine, "config": config, "batches": []}
     dropped: dict[str, str] = {}  # variants whose first call ran past the cap
     for b in cfg.batch_sizes:
         log(f"batch {b} ...")
@@ -643,7 +653,7 @@ def _header(results: dict[str, Any]) -> str:
         f"jax {m['jax_version']} on {m['jax_backend']} ({m['jax_device']}), "
         f"{m['cpu_count']} CPUs; torch {m.get('torch_version', '-')} on "
         f"{m.get('torch_device', '-')} with {m.get('torch_threads', '-')} threads; "
-        f"float32 matmul peak {m['matmul_peak_gflops']:.1f} GFLOP/s; "
+        f"{results['config']['dtype']} matmul peak {m['matmul_peak_gflops']:.1f} GFLOP/s; "
         f"dtype {results['config']['dtype']}"
         + ("; glibc malloc thresholds raised (jaxnet.host)" if tuned else "")
     )

@@ -5,17 +5,23 @@ Run from the source tree (nothing is installed; the repository root goes on ``sy
 
     JAXNET_DEVICE_OUT=out python3 scripts/device_check.py
 
-Sections, each timed, capped (``SECTION_CAPS_S``, about 5.5 minutes in all) and recorded with
-its error if it fails, the others running regardless:
+Sections, each timed, capped (``SECTION_CAPS_S``, 7 minutes in all, about 4 on an H200) and
+recorded with its error if it fails, the others running regardless:
 
 * ``environment``: Python, package versions, JAX's devices, torch's CUDA, ``nvidia-smi``;
 * ``parity``: the Net's outputs, loss, gradients and one SGD step of ``jaxnet.train_step``
   against PyTorch on the same device, float32 with TF32 off on both sides, each error
-  judged against float32's own round-off there (PyTorch float32 vs PyTorch float64);
-* ``validate``: ``jaxnet validate --steps 20`` (the library call) on the device;
+  judged against float32's own round-off there (PyTorch float32 vs PyTorch float64); and
+  which kernels the compiled step gives its convolutions (cuDNN's custom calls on a GPU);
+* ``parity_float64``: the same with jaxnet in float64 (``jax.enable_x64``) against PyTorch
+  float64: equal semantics agree to ~1e-15, so this separates a real difference from
+  float32 summation order;
+* ``validate``, ``validate_float64``: ``jaxnet validate --steps 20`` (the library call) on the
+  device, in float32 and with ``--precision float64``;
 * ``bench_float32``, ``bench_bfloat16``: ``jaxnet bench`` at batches 1, 32, 256 and 1024
-  against PyTorch CUDA eager and ``torch.compile`` (its first call capped, skipped with the
-  reason when it runs longer), in float32 (TF32 off) and with bfloat16 compute.
+  against PyTorch CUDA eager and ``torch.compile`` (``bench.TORCH_COMPILE_OPTIONS``; its first
+  call capped, skipped with the reason when it runs longer), in float32 (TF32 off) and with
+  bfloat16 compute, each against the matmul peak in its own dtype.
 
 Output, in the folder ``JAXNET_DEVICE_OUT`` names (default ``./device_check_out``):
 ``device_check.json`` (rewritten after every section and every benchmarked batch size, so a
@@ -46,12 +52,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SECTION_CAPS_S = {  # seconds; the whole run stays under 6 minutes on one GPU
+SECTION_CAPS_S = {  # seconds: at most 7 minutes in all; about 4 on an H200
     "environment": 20,
     "parity": 45,
+    "parity_float64": 30,
     "validate": 60,
-    "bench_float32": 120,
-    "bench_bfloat16": 90,
+    "validate_float64": 40,
+    "bench_float32": 130,
+    "bench_bfloat16": 100,
 }
 COMPILE_CAP_S = 40  # torch.compile's first call, per batch size
 BATCH_SIZES = (1, 32, 256, 1024)
@@ -225,9 +233,10 @@ def _torch_one_step(start: Any, dtype: Any, device: str, x: Any, y: Any) -> dict
 PARITY_LR, PARITY_MOMENTUM = 0.01, 0.9
 
 
-def _jax_one_step(start: Any, x: Any, y: Any) -> dict[str, Any]:
+def _jax_one_step(start: Any, x: Any, y: Any, dtype: Any = None) -> dict[str, Any]:
     """The same through jaxnet's public API: ``compute_grads`` (logits, gradients) and the
-    README's ``TrainState.create`` + ``jaxnet.train_step`` (loss, new params); torch's layout."""
+    README's ``TrainState.create`` + ``jaxnet.train_step`` (loss, new params); torch's layout.
+    ``dtype`` float64 (under ``jax_enable_x64``): params and images in float64."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -235,7 +244,10 @@ def _jax_one_step(start: Any, x: Any, y: Any) -> dict[str, Any]:
     import jaxnet
     from jaxnet import losses, optim, step
 
-    params = jaxnet.params_from_torch({k: v.cpu() for k, v in start.state_dict().items()})
+    dtype = dtype or np.float32
+    state_dict = {k: v.cpu() for k, v in start.state_dict().items()}
+    params = jaxnet.params_from_torch(state_dict, dtype=dtype)
+    x = np.asarray(x, dtype)
     net = jaxnet.Net()
     state = jaxnet.TrainState.create(
         apply_fn=net.apply, params=params, tx=optim.sgd(PARITY_LR, momentum=PARITY_MOMENTUM)
@@ -244,13 +256,29 @@ def _jax_one_step(start: Any, x: Any, y: Any) -> dict[str, Any]:
     grads_fn = jax.jit(step.compute_grads, static_argnames=("apply_fn", "criterion"))
     grads, _, logits = grads_fn(params, net.apply, batch, losses.cross_entropy)
     new_state, metrics = jaxnet.train_step(state, batch)
+    compiled = jaxnet.train_step.lower(
+        state, batch, criterion=losses.cross_entropy, guard=False
+    ).compile()
     return {
+        "conv_kernels": _conv_kernels(compiled.as_text()),
         "outputs": {"logits": np.asarray(logits)},
         "loss": {"loss": np.asarray(metrics["loss"])},
         "grads": jaxnet.params_to_torch(grads, as_numpy=True),
         "params": jaxnet.params_to_torch(new_state.params, as_numpy=True),
         "device": str(next(iter(logits.devices()))),
     }
+
+
+def _conv_kernels(hlo: str) -> dict[str, int]:
+    """How the compiled step computes its convolutions: the custom calls (cuDNN's
+    ``__cudnn$conv*`` on a GPU) and XLA's own convolution instructions, with their counts."""
+    import collections
+    import re
+
+    calls = re.findall(r'custom_call_target="([^"]+)"', hlo)
+    found = collections.Counter(c for c in calls if "conv" in c.lower())
+    found["xla convolution instructions"] = len(re.findall(r"= \S+ convolution\(", hlo))
+    return dict(found)
 
 
 def _judge(runs: dict[str, Any]) -> dict[str, Any]:
@@ -302,6 +330,7 @@ def parity(result: dict[str, Any], reduced: bool) -> None:
         batch_size=n,
         torch_device=device,
         jax_device=runs["jax"]["device"],
+        conv_kernels_of_train_step=runs["jax"]["conv_kernels"],
         precision="float32, TF32 off (torch allow_tf32 False; jax matmul precision highest)",
         limit=DEFAULT_STEP_FACTOR,
         worst=worst,
@@ -311,12 +340,56 @@ def parity(result: dict[str, Any], reduced: bool) -> None:
     )
 
 
+def parity_float64(result: dict[str, Any], reduced: bool) -> None:
+    """jaxnet in float64 against PyTorch in float64 on the device: with equal semantics they
+    agree to ~1e-15 relative, so anything larger is a real difference, not summation order."""
+    import jax
+    import numpy as np
+    import torch
+
+    from jaxnet.torch_reference import make_torch_net
+
+    device = _torch_device(reduced)
+    n = 4 if reduced else 64
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 32, 32, 1), dtype=np.float32)
+    y = rng.integers(0, 2, n).astype(np.int64)
+    start = make_torch_net(0)
+    with float32_everywhere(), jax.enable_x64(True):
+        ours = _jax_one_step(start, x, y, np.float64)
+        ref = _torch_one_step(start, torch.float64, device, x, y)
+    table = {}
+    for group in ("outputs", "loss", "grads", "params"):
+        for k, r in ref[group].items():
+            r = np.asarray(r, np.float64)
+            a = np.asarray(ours[group][k])
+            err = float(np.max(np.abs(a.astype(np.float64) - r)))
+            scale = float(np.max(np.abs(r))) or 1.0
+            table[f"{group}[{k}]"] = {"dtype": str(a.dtype), "max_abs": err, "max_rel": err / scale}
+    worst = max(table, key=lambda k: table[k]["max_rel"])
+    result.update(
+        batch_size=n,
+        torch_device=device,
+        jax_device=ours["device"],
+        conv_kernels_of_train_step=ours["conv_kernels"],
+        limit_max_rel=FLOAT64_LIMIT,
+        worst=worst,
+        worst_max_rel=table[worst]["max_rel"],
+        passed=table[worst]["max_rel"] <= FLOAT64_LIMIT
+        and all(t["dtype"] == "float64" for t in table.values()),
+        tensors=table,
+    )
+
+
+FLOAT64_LIMIT = 1e-12  # float64 round-off of these sums is ~1e-15 relative; float32's ~1e-7
+
+
 # ---------------------------------------------------------------------------------------------
 # validate
 # ---------------------------------------------------------------------------------------------
 
 
-def validate(result: dict[str, Any], reduced: bool) -> None:
+def validate(result: dict[str, Any], reduced: bool, precision: str = "float32") -> None:
     from jaxnet.validation import ValidateConfig
     from jaxnet.validation import validate as run_validate
 
@@ -324,6 +397,7 @@ def validate(result: dict[str, Any], reduced: bool) -> None:
         steps=2 if reduced else 20,
         batch_size=4 if reduced else 32,
         device="cpu" if reduced else "auto",
+        precision=precision,
     )
     report = run_validate(config)
     summary = report.to_dict()
@@ -385,7 +459,7 @@ def bench(result: dict[str, Any], dtype: str, reduced: bool, rec: Recorder) -> N
             batch_sizes=BATCH_SIZES,
             warmup=2,
             reps=5,
-            min_rep_s=0.1,
+            min_rep_s=0.05,
             dtype=dtype,
             first_call_cap_s=COMPILE_CAP_S,
         )
@@ -420,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     sections: dict[str, Callable[[dict[str, Any]], None]] = {
         "environment": environment,
         "parity": lambda r: parity(r, reduced),
+        "parity_float64": lambda r: parity_float64(r, reduced),
         "validate": lambda r: validate(r, reduced),
+        "validate_float64": lambda r: validate(r, reduced, "float64"),
         "bench_float32": lambda r: bench(r, "float32", reduced, rec),
         "bench_bfloat16": lambda r: bench(r, "bfloat16", reduced, rec),
     }

@@ -45,6 +45,12 @@ def test_reduced_run_writes_every_section_without_errors(tmp_path, capsys):
         parity["tensors"]
     )
     assert sections["validate"]["result"]["verdict"]["passed"]
+    float64 = sections["parity_float64"]["result"]
+    assert float64["passed"] and float64["worst_max_rel"] < 1e-12, float64["worst"]
+    assert float64["tensors"]["grads[conv1.weight]"]["dtype"] == "float64"
+    assert parity["conv_kernels_of_train_step"]["xla convolution instructions"] > 0
+    assert sections["validate_float64"]["result"]["config"]["precision"] == "float64"
+    assert sections["validate_float64"]["result"]["verdict"]["passed"]
     for dtype in ("float32", "bfloat16"):
         result = sections[f"bench_{dtype}"]["result"]
         assert result["config"]["dtype"] == dtype
