@@ -31,6 +31,8 @@ import logging
 import os
 import re
 import shutil
+import sys
+import traceback
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +93,32 @@ def _orbax() -> Any:
 
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     return ocp
+
+
+def _late_callback(value: BaseException, tb: Any) -> bool:
+    """Whether an error is a tensorstore write that ended after orbax closed the asyncio loop
+    awaiting it: after a failed save (a full disk), the writes still in flight fail too, and
+    their completion callbacks find the loop closed. The save's own error is raised by jaxnet;
+    these are its echoes."""
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+        return False
+    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(tb)]
+    return "call_soon_threadsafe" in frames
+
+
+def _quiet_late_callbacks() -> None:
+    """Keep those echoes (tensorstore prints them through ``sys.excepthook``, one traceback
+    each) off the user's terminal; every other error reaches the hook installed before."""
+    previous = sys.excepthook
+    if getattr(previous, "_jaxnet_quiet", False):
+        return
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not _late_callback(value, tb):
+            previous(kind, value, tb)
+
+    hook._jaxnet_quiet = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def _abstract(tree: Any) -> Any:
@@ -209,6 +237,8 @@ class Checkpoints:
     def _manager(self, name: str) -> Any:
         if name not in self._managers:
             ocp = _orbax()
+            if not self.read_only:
+                _quiet_late_callbacks()
             self._managers[name] = ocp.CheckpointManager(
                 self.directory / name, options=self._options()
             )

@@ -19,7 +19,18 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from jaxnet import bench, export, features, host, parallel, predict, train, tutorial, validation
+from jaxnet import (
+    bench,
+    convert,
+    export,
+    features,
+    host,
+    parallel,
+    predict,
+    train,
+    tutorial,
+    validation,
+)
 from jaxnet.config import TrainConfig
 from jaxnet.criteria import CRITERIA
 from jaxnet.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, ConfigError, JaxnetError
@@ -167,6 +178,9 @@ def _export_format(out: Path) -> str:
 def _cmd_import(args: argparse.Namespace) -> int:
     info = export.import_weights(args.weights, args.workdir, args.data, args.overwrite)
     print(f"imported {args.weights} into {args.workdir}/checkpoints/best")
+    key = convert.read_state_dict(args.weights)[1]
+    if key is not None:  # a checkpoint dict: say where the model's weights came from
+        print(f"the model weights are its {key!r} entry")
     if info is None:
         print("the file has no jaxnet metadata: predict recomputes the normalisation from --data")
     else:

@@ -124,7 +124,7 @@ def umount(where: Path) -> None:
 # --- 1. readers during a run -----------------------------------------------------------------
 
 
-def readers_during_training(tmp: Path, reader: list[str]) -> tuple[bool, str]:
+def readers_during_training(tmp: Path, reader: Callable[[int], list[str]]) -> tuple[bool, str]:
     run = tmp / "live"
     argv = [*JAXNET, "train", "--workdir", str(run), "--epochs", "25", "--limit", "400"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -137,7 +137,7 @@ def readers_during_training(tmp: Path, reader: list[str]) -> tuple[bool, str]:
     )
     bad, reads = [], 0
     while train.poll() is None:
-        p = jaxnet(*reader, "--workdir", str(run), cwd=tmp)
+        p = jaxnet(*reader(reads + len(bad)), "--workdir", str(run), cwd=tmp)
         if p.returncode == 0:
             reads += 1
         elif not ("no checkpoints at" in p.stderr or "no complete" in p.stderr) or reads:
@@ -475,7 +475,7 @@ WORKS: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
             "--workdir",
             str(t / "r"),
         ],
-        (),
+        ("'model_state_dict' entry",),
     ),
     "{'state_dict': ...}": (
         lambda t: [
@@ -484,7 +484,7 @@ WORKS: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
             "--workdir",
             str(t / "r"),
         ],
-        (),
+        ("'state_dict' entry",),
     ),
     "bf16 .safetensors": (
         lambda t: [
@@ -563,11 +563,15 @@ def cases() -> list[Case]:
     found = [
         Case(
             "export while training",
-            lambda t: readers_during_training(t, ["export", "w.pt", "--which", "last"]),
+            lambda t: readers_during_training(
+                t, lambda i: ["export", f"w{i}.pt", "--which", "last"]
+            ),
         ),
         Case(
             "features while training",
-            lambda t: readers_during_training(t, ["features", "--which", "last", "--out", "f.png"]),
+            lambda t: readers_during_training(
+                t, lambda i: ["features", "--which", "last", "--out", f"f{i}.png"]
+            ),
         ),
         Case("--resume into a read-only workdir", read_only_resume),
         *[

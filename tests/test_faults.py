@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import SMALL, small
+from conftest import LIVE, SMALL, STOPPING, background_result, in_background, small
 
 import jaxnet.train as train_mod
 import jaxnet.workdir as workdir_mod
@@ -183,25 +184,51 @@ def test_full_disk_at_a_save_keeps_the_last_good_checkpoint(
     ]
 
 
-def test_full_disk_in_the_background_save_ends_the_process_with_one_line(tmp_path: Path):
-    """orbax saves in background threads: a disk that fills up there still ends ``jaxnet
-    train`` (no thread keeps it alive) with one ``error:`` line and no traceback."""
-    argv = ["train", "--workdir", str(tmp_path), "--limit", "40", "--batch-size", "16"]
+@in_background("enospc_in_background")
+def _enospc_in_background(out: Path) -> tuple[int, str, Path]:
+    """``jaxnet train`` whose orbax thread fails with ENOSPC at the third checkpoint (of 2-step
+    epochs: best/1, last/2, then best/2): ``(exit status, stderr, workdir)``. A subprocess,
+    started when the session starts (conftest's ``in_background``)."""
+    if STOPPING.is_set():
+        pytest.fail("the session ended before the run started")
+    workdir = out / "run"
+    argv = ["train", "--workdir", str(workdir), "--limit", "40", "--batch-size", "16"]
     argv += ["--epochs", "3", "--no-progress", "--malloc-defaults"]
     worker = ROOT / "tests" / "workers" / "fault_worker.py"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(worker), "enospc-at-finalize:3", *argv],
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=240,
+        start_new_session=True,
     )
-    assert proc.returncode == EXIT_RUN_FAILED, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    (line,) = proc.stderr.strip().splitlines()
+    LIVE.add(proc)
+    try:
+        _, err = proc.communicate(timeout=300)  # a thread left waiting would hang it here
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail("jaxnet train did not end within 300 s after its save failed")
+    finally:
+        LIVE.discard(proc)
+    return proc.returncode, err, workdir
+
+
+@pytest.fixture(scope="module")
+def enospc_in_background(request) -> tuple[int, str, Path]:
+    return background_result(request, "enospc_in_background")
+
+
+def test_full_disk_in_the_background_save_ends_the_process_with_one_line(enospc_in_background):
+    """orbax saves in background threads: a disk that fills up there still ends ``jaxnet
+    train`` (no thread keeps it alive) with one ``error:`` line and no traceback."""
+    code, err, workdir = enospc_in_background
+    assert code == EXIT_RUN_FAILED, err
+    assert "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
     assert line.startswith("jaxnet train: error: cannot write") and "no space left" in line
-    good = tmp_path / "checkpoints" / "last" / "2"
-    assert f"the last good checkpoint is {good}" in line
-    with Checkpoints(tmp_path / "checkpoints", read_only=True) as ckpts:
+    assert f"the last good checkpoint is {workdir / 'checkpoints' / 'last' / '2'}" in line
+    with Checkpoints(workdir / "checkpoints", read_only=True) as ckpts:
         assert ckpts.read_meta("last")[0] == 2
 
 
