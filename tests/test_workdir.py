@@ -16,7 +16,13 @@ from jaxnet import Net, nhwc_to_nchw
 from jaxnet.checkpoint import CheckpointError
 from jaxnet.config import RESUMABLE_CHANGES, TrainConfig, config_from_json, config_to_json
 from jaxnet.data import DataError, load_data
-from jaxnet.workdir import check_resumable, import_params, load_params
+from jaxnet.workdir import (
+    WorkdirError,
+    check_resumable,
+    check_writable,
+    import_params,
+    load_params,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -138,3 +144,14 @@ def test_resume_check_compares_the_data_fingerprint():
     # A format-1 checkpoint has no fingerprint: its data is compared without one.
     old = {"config": config_to_json(config), "data": {"num_train": 8}}
     check_resumable(old, config, {**data, "fingerprint": "bbbb"})
+
+
+def test_a_checkpoints_file_or_a_workdir_file_is_refused_by_name(tmp_path: Path):
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(WorkdirError, match=r"--workdir .*f\.txt is a file"):
+        check_writable(tmp_path / "f.txt")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("x")
+    with pytest.raises(WorkdirError, match=r"run/checkpoints is a file, where jaxnet keeps"):
+        check_writable(tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints").read_text() == "x"
