@@ -127,6 +127,7 @@ def validate(
         every, last = config.record_every, config.steps - 1
         for k in range(config.steps):
             _step(run, k, record=k == 0 or (k + 1) % every == 0 or k == last)
+            run.end_epoch_if_due(k)
             if progress is not None:
                 progress(k + 1, config.steps)
             if not run.finite:
@@ -171,10 +172,22 @@ class _Run:
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     scratch: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     finite: bool = True
+    epoch_losses: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
         return int(self.start.fc3.out_features)
+
+    def end_epoch_if_due(self, k: int) -> None:
+        """After step ``k`` ending an epoch (``spec.schedule_every`` steps), step a
+        ``reduce_lr_on_plateau`` schedule in every run on one metric: PyTorch float64's mean
+        training loss over the epoch, so that all runs take the same lr decisions."""
+        if self.spec.schedule != "reduce_lr_on_plateau" or (k + 1) % self.spec.schedule_every:
+            return
+        metric = float(np.mean(self.epoch_losses))
+        self.epoch_losses.clear()
+        for r in (self.jax, *self.torch.values()):
+            r.end_epoch(metric)
 
     def fresh_torch_run(self, dtype: Any) -> TorchRun:
         """A PyTorch run from the start, in ``dtype`` (for the first update's check)."""
@@ -200,9 +213,10 @@ def _setup(config: ValidateConfig, device: Any) -> _Run:
     start = _start_net(config).to(device)
     num_classes = int(start.fc3.out_features)
     stream, data = make_stream(config.data, config.batch_size, config.seed, num_classes)
-    runs = {"torch64": TorchRun(copy.deepcopy(start).to(torch.float64), spec, crit)}
+    float32 = config.precision == "float32"
+    runs = {"torch64": TorchRun(copy.deepcopy(start).to(torch.float64), spec, crit, fast=float32)}
     jax_dtype = np.float64
-    if config.precision == "float32":
+    if float32:
         runs["torch32"] = TorchRun(copy.deepcopy(start), spec, crit)
         jax_dtype = np.float32
     jax_run = JaxRun(jax_params(start, jax_dtype), num_classes, tx, crit)
@@ -229,6 +243,7 @@ def _step(run: _Run, k: int, record: bool) -> None:
     check_batch(images, labels, run.num_classes, k)
     images, labels = np.asarray(images), np.asarray(labels)
     out = {name: r.step(images, labels) for name, r in run.torch.items()}
+    run.epoch_losses.append(out["torch64"]["loss"])
     loss, logits, grads = run.jax.step(images, labels)
     if not record:  # between recorded steps only the losses are checked (cheap)
         losses = [float(loss)] + [o["loss"] for o in out.values()]

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxnet import step
+from jaxnet import optim, schedules, step
 from jaxnet.convert import nhwc_to_nchw, params_from_torch, params_to_torch
 from jaxnet.criteria import Criterion
 from jaxnet.errors import ConfigError
@@ -24,15 +24,9 @@ __all__ = ["JaxRun", "TorchRun", "exact_arithmetic", "pick_device", "torch_threa
 
 _TORCH_OPTIMIZERS = TORCH_CLASSES
 """jaxnet's optimizer names -> ``torch.optim``'s classes (``jaxnet.optim.TORCH_CLASSES``)."""
-_TORCH_SCHEDULERS = {
-    "step_lr": "StepLR",
-    "multi_step_lr": "MultiStepLR",
-    "exponential_lr": "ExponentialLR",
-    "cosine_annealing_lr": "CosineAnnealingLR",
-    "linear_lr": "LinearLR",
-    "one_cycle_lr": "OneCycleLR",
-}
-"""jaxnet's schedule names -> ``torch.optim.lr_scheduler``'s classes."""
+SCHEDULER_CLASSES = schedules.TORCH_CLASSES
+"""jaxnet's schedule names -> ``torch.optim.lr_scheduler``'s classes
+(``jaxnet.schedules.TORCH_CLASSES``)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +70,11 @@ class JaxRun:
         self.state = self._apply(self.state, grads)
         return loss, logits, grads
 
+    def end_epoch(self, metric: float) -> None:
+        """``scheduler.step(metric)`` of a ``reduce_lr_on_plateau`` run (a no-op otherwise)."""
+        opt_state = optim.plateau_step(self.state.tx, self.state.opt_state, metric)
+        self.state = self.state.replace(opt_state=opt_state)
+
     def record(self, loss: Any, logits: Any, grads: Any) -> dict[str, Any]:
         """What the comparison reads, in torch's layout."""
         return {
@@ -97,7 +96,7 @@ def jax_params(net: Any, dtype: Any = np.float32) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def _torch_optimizer(net: Any, spec: OptimizerSpec) -> Any:
+def _torch_optimizer(net: Any, spec: OptimizerSpec, fast: bool) -> Any:
     """``torch.optim.<class>(net.parameters(), **spec.options)``: jaxnet's very arguments."""
     import torch
 
@@ -106,35 +105,67 @@ def _torch_optimizer(net: Any, spec: OptimizerSpec) -> Any:
         options["betas"] = tuple(options["betas"])
     cls = getattr(torch.optim, _TORCH_OPTIMIZERS[spec.name])
     dtype = next(net.parameters()).dtype
-    if dtype == torch.float64 and not ({"fused", "foreach"} & set(options)):
-        # The float64 reference may use torch's fused/foreach kernels: the same algorithm,
-        # faster on 6.46 M parameters; their float64 rounding (~1e-16) is invisible next to
-        # float32's noise floor (~1e-7 and up). The float32 run keeps the default.
-        for fast in ({"fused": True}, {"foreach": True}):
+    if fast and dtype == torch.float64 and not ({"fused", "foreach"} & set(options)):
+        # The float32 check's float64 reference may use torch's fused/foreach kernels: the
+        # same algorithm, faster on 6.46 M parameters; their float64 rounding (~1e-16) is
+        # invisible next to float32's noise floor (~1e-7 and up). The float64 check keeps
+        # torch's default loop, the reference users run (foreach NAdam rounds differently).
+        for kernels in ({"fused": True}, {"foreach": True}):
             try:
-                return cls(net.parameters(), **options, **fast)
+                return cls(net.parameters(), **options, **kernels)
             except (RuntimeError, TypeError, ValueError):
                 continue
     return cls(net.parameters(), **options)
 
 
-class TorchRun:
-    """One PyTorch run: net, optimizer and scheduler, in the net's dtype."""
+@contextlib.contextmanager
+def _torch_default_dtype(dtype: Any) -> Iterator[None]:
+    """torch keeps some optimizer state (NAdam's ``mu_product``, step counts) in its default
+    dtype whatever the parameters', created lazily at the first ``step()``: a float64 run
+    needs float64 there too."""
+    import torch
 
-    def __init__(self, net: Any, spec: OptimizerSpec, crit: Criterion) -> None:
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+class TorchRun:
+    """One PyTorch run: net, optimizer and scheduler, in the net's dtype (``fast``: a float64
+    run may use torch's fused/foreach optimizer kernels).
+
+    ``reduce_lr_on_plateau`` is stepped by ``end_epoch(metric)``, every other scheduler after
+    every ``spec.schedule_every`` optimizer steps.
+    """
+
+    def __init__(self, net: Any, spec: OptimizerSpec, crit: Criterion, fast: bool = False) -> None:
         import torch
 
         self.net = net
         self.dtype = next(net.parameters()).dtype
         self.device = next(net.parameters()).device
-        self.opt = _torch_optimizer(net, spec)
+        self.opt = _torch_optimizer(net, spec, fast)
         self.sched = None
         if spec.schedule is not None:
-            cls = getattr(torch.optim.lr_scheduler, _TORCH_SCHEDULERS[spec.schedule])
+            cls = getattr(torch.optim.lr_scheduler, SCHEDULER_CLASSES[spec.schedule])
             self.sched = cls(self.opt, **spec.schedule_options)
+        self.by_metric = spec.schedule == "reduce_lr_on_plateau"
         self.every = spec.schedule_every  # 1 for OneCycleLR: torch steps it every batch
         self.criterion = crit
         self.count = 0
+
+    def _opt_step(self) -> None:
+        with _torch_default_dtype(self.dtype):
+            self.opt.step()
+
+    def end_epoch(self, metric: float) -> None:
+        """``scheduler.step(metric)`` of a ``reduce_lr_on_plateau`` run (else nothing)."""
+        if self.by_metric:
+            with _torch_default_dtype(self.dtype):
+                self.sched.step(metric)
 
     def params(self) -> dict[str, np.ndarray]:
         return {k: p.detach().cpu().numpy() for k, p in self.net.named_parameters()}
@@ -145,7 +176,7 @@ class TorchRun:
 
         for k, p in self.net.named_parameters():
             p.grad = torch.from_numpy(np.asarray(grads[k])).to(self.device, self.dtype)
-        self.opt.step()
+        self._opt_step()
         return self.params()
 
     def step(self, images_nhwc: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -161,9 +192,9 @@ class TorchRun:
         loss.backward()
         # With zero_grad(set_to_none=True) each step's grads are fresh tensors: no copy needed.
         grads = {k: p.grad.detach().cpu().numpy() for k, p in self.net.named_parameters()}
-        self.opt.step()
+        self._opt_step()
         self.count += 1
-        if self.sched is not None and self.count % self.every == 0:
+        if self.sched is not None and not self.by_metric and self.count % self.every == 0:
             self.sched.step()
         return {
             "lr": lr,

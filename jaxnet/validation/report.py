@@ -55,7 +55,7 @@ class Report:
     distances of all outputs, gradients and parameters.
 
     The verdict's figures: float32 (``config["precision"]``): ``first_step_*`` and
-    ``drift_*``; float64: ``float64_*`` (the worst relative difference, its step and tensor).
+    ``drift_*``; float64: ``float64_*`` (the worst relative difference, its step and what).
     """
 
     config: dict[str, Any]
