@@ -107,18 +107,23 @@ def _late_callback(value: BaseException, tb: Any) -> bool:
 
 
 def _quiet_late_callbacks() -> None:
-    """Keep those echoes (tensorstore prints them through ``sys.excepthook``, one traceback
-    each) off the user's terminal; every other error reaches the hook installed before."""
-    previous = sys.excepthook
-    if getattr(previous, "_jaxnet_quiet", False):
+    """Keep those echoes (tensorstore prints them, one traceback each, through
+    ``sys.excepthook`` or ``sys.unraisablehook``) off the user's terminal; every other error
+    reaches the hook installed before."""
+    if getattr(sys.excepthook, "_jaxnet_quiet", False):
         return
+    previous, previous_unraisable = sys.excepthook, sys.unraisablehook
 
     def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
         if not _late_callback(value, tb):
             previous(kind, value, tb)
 
+    def unraisable_hook(unraisable: Any) -> None:
+        if not _late_callback(unraisable.exc_value, unraisable.exc_traceback):
+            previous_unraisable(unraisable)
+
     hook._jaxnet_quiet = True  # type: ignore[attr-defined]
-    sys.excepthook = hook
+    sys.excepthook, sys.unraisablehook = hook, unraisable_hook
 
 
 def _abstract(tree: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import types
 
 import jax
 import numpy as np
@@ -15,20 +16,24 @@ from jaxnet.checkpoint import checksums
 
 def test_late_tensorstore_callbacks_are_kept_off_the_terminal(monkeypatch):
     """After a failed save, tensorstore writes still in flight end on an asyncio loop orbax
-    has closed, and tensorstore prints each "Event loop is closed" through sys.excepthook:
+    has closed, and tensorstore prints each "Event loop is closed" through sys.excepthook or
+    sys.unraisablehook:
     those are dropped; every other error still reaches the hook."""
-    seen = []
+    seen, unraisable = [], []
     monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append(value))
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_value))
     checkpoint._quiet_late_callbacks()
     loop = asyncio.new_event_loop()
     loop.close()
     try:
         loop.call_soon_threadsafe(print)
     except RuntimeError as e:
-        sys.excepthook(type(e), e, e.__traceback__)
+        late = e
     other = RuntimeError("Event loop is closed")  # not from a callback: reported
-    sys.excepthook(RuntimeError, other, None)
-    assert seen == [other]
+    for value, tb in [(late, late.__traceback__), (other, None)]:
+        sys.excepthook(RuntimeError, value, tb)
+        sys.unraisablehook(types.SimpleNamespace(exc_value=value, exc_traceback=tb))
+    assert seen == [other] and unraisable == [other]
 
 
 def test_checksums_see_every_byte_dtype_and_shape():
