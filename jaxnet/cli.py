@@ -509,7 +509,11 @@ def _validate_parser(sub: Any) -> None:
         "--record-every", type=int, default=d.record_every, help="compare every N-th step"
     )
     p.add_argument("--json", metavar="PATH", help="write the per-step record as JSON")
-    p.add_argument("--plot", metavar="PATH", help="plot drift vs noise floor (PNG)")
+    p.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="plot drift vs noise floor (float64: the differences vs the tolerance), PNG",
+    )
     _add_loss_group(p, d.loss, with_options=True)
     _add_optimizer_group(p, d.optimizer)
     g = _add_schedule_group(p, "every --steps-per-epoch batches")
