@@ -645,6 +645,19 @@ COMPARISONS = (
 """The report's rows: what is timed, and what it is compared with (PyTorch eager)."""
 
 
+_MS_ROWS = {
+    "jax_step": "default path: `jaxnet.train_step`",
+    "jax_donated": "`train_step_donated`",
+    "jax_scan": "`train_steps` (scan), per step",
+    "torch_step": "PyTorch eager step",
+    "compile_step": "`torch.compile` step",
+    "jax_eval": "`jaxnet.eval_step`",
+    "torch_eval": "PyTorch `no_grad` eval",
+    "jax_predict": "`jaxnet.inference.predict_logits`",
+    "torch_forward": "PyTorch `no_grad` forward",
+}
+
+
 def _header(results: dict[str, Any]) -> str:
     m = results["machine"]
     malloc = m.get("malloc") or {}
@@ -672,11 +685,7 @@ def format_results(results: dict[str, Any]) -> str:
                 f"| {label} | " + " | ".join(_ratio(r, ours, theirs) for r in batches) + " |"
             )
     lines += ["", "Milliseconds per step (median):", "", head, rule]
-    names = {ours: label for label, ours, _ in COMPARISONS}
-    names.update(
-        torch_step="PyTorch eager step", torch_eval="PyTorch eval", torch_forward="PyTorch forward"
-    )
-    for name, label in names.items():
+    for name, label in _MS_ROWS.items():
         if any(name in r["variants"] for r in batches):
             cells = (_ms(r, name) for r in batches)
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -712,7 +721,7 @@ def _detail_row(r: dict[str, Any]) -> str:
     fc1_text = (
         "-"
         if fc1 is None
-        else f"{1e3 * fc1['median_step_s']:.1f} ({100 * fc1['fraction_of_peak']:.0f}%)"
+        else f"{1e3 * fc1['median_step_s']:.2f} ({100 * fc1['fraction_of_peak']:.0f}%)"
     )
     ceiling = _ratio(r, "jax_fc1_matmuls", "torch_step")
     return f"| {r['batch_size']} | {gf} | {pct} | {first} | {mem} | {fc1_text} | {ceiling} |"
