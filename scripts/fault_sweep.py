@@ -594,6 +594,35 @@ def cases() -> list[Case]:
     return found
 
 
+def costs() -> dict[str, float]:
+    """What the guards cost, in this process (minimum of repeats, ms): the NaN/inf check of
+    the params before a save, and the checksums of a save of params + SGD momentum."""
+    import jax
+
+    from jaxnet.checkpoint import checksums
+    from jaxnet.model import Net, init_params
+    from jaxnet.train import _all_finite
+
+    params = init_params(Net(), jax.random.key(0))
+    state = {"params": params, "momentum": params}
+
+    def best_ms(f: Callable[[], object], n: int) -> float:
+        f()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return round(min(times) * 1e3, 2)
+
+    return {
+        "all_finite_params_ms": best_ms(lambda: bool(_all_finite(params)), 20),
+        "checksums_params_and_momentum_ms": best_ms(lambda: checksums(state), 7),
+        "cpus": os.cpu_count() or 0,
+        "load_average_1min": round(os.getloadavg()[0], 1),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="run the cases whose name holds this")
@@ -633,6 +662,7 @@ def main() -> int:
             "command": "python scripts/fault_sweep.py",
             "handled": handled,
             "tried": tried,
+            "costs": costs(),
             "cases": records,
         }
         text = json.dumps(result, indent=1) + "\n"
