@@ -27,6 +27,7 @@ from jaxnet import (
     host,
     parallel,
     predict,
+    torch_checkpoint,
     train,
     tutorial,
     validation,
@@ -138,9 +139,11 @@ def _written(workdir: Path, best_epoch: int) -> str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    params, info = export.run_info(args.workdir, args.which)
     out = Path(args.out)
     fmt = args.format if args.format != "auto" else _export_format(out)
+    if fmt == "torch-checkpoint":
+        return _export_torch_checkpoint(args, out)
+    params, info = export.run_info(args.workdir, args.which)
     _refuse_to_replace([out, Path(f"{out}.json")] if fmt == "stablehlo" else [out], args.overwrite)
     if fmt == "stablehlo":
         export.export_stablehlo(params, info, out, tuple(args.platforms.split(",")))
@@ -150,6 +153,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
         export.save_weights(params, out, info)
         print(f"wrote {out} ({args.which} params, the state_dict of TorchNet, with metadata)")
     print(f"classes: {info.classes}; inputs are (x - {info.mean:.6f}) / {info.std:.6f}")
+    return EXIT_OK
+
+
+def _export_torch_checkpoint(args: argparse.Namespace, out: Path) -> int:
+    _refuse_to_replace([out], args.overwrite)
+    ckpt = torch_checkpoint.save_torch_checkpoint(args.workdir, out)
+    cls = ckpt["jaxnet"]["torch_class"]
+    sched = ", scheduler_state_dict" if "scheduler_state_dict" in ckpt else ""
+    print(
+        f"wrote {out} (the last checkpoint, epoch {ckpt['epoch']}, step {ckpt['step']}: "
+        f"model_state_dict, optimizer_state_dict of torch.optim.{cls}{sched})"
+    )
+    print(
+        "continue it in PyTorch: net.load_state_dict(c['model_state_dict']); "
+        f"torch.optim.{cls}(net.parameters(), **c['jaxnet']['optimizer']['options'])"
+        ".load_state_dict(c['optimizer_state_dict'])"
+    )
     return EXIT_OK
 
 
@@ -178,9 +198,14 @@ def _export_format(out: Path) -> str:
 def _cmd_import(args: argparse.Namespace) -> int:
     info = export.import_weights(args.weights, args.workdir, args.data, args.overwrite)
     print(f"imported {args.weights} into {args.workdir}/checkpoints/best")
-    key = convert.read_state_dict(args.weights)[1]
+    _, key, whole = convert.read_state_dict(args.weights)
     if key is not None:  # a checkpoint dict: say where the model's weights came from
         print(f"the model weights are its {key!r} entry")
+    if torch_checkpoint.keep_optimizer_state(whole, args.workdir):
+        print(
+            "kept its optimizer state: jaxnet train --resume --workdir "
+            f"{args.workdir} continues the PyTorch run (give its --optimizer, --opt, --schedule)"
+        )
     if info is None:
         print("the file has no jaxnet metadata: predict recomputes the normalisation from --data")
     else:
@@ -567,9 +592,10 @@ def _workdir_parsers(sub: Any) -> None:
     _add_run_source(p)
     p.add_argument(
         "--format",
-        choices=["auto", "state-dict", "stablehlo"],
+        choices=["auto", "state-dict", "stablehlo", "torch-checkpoint"],
         default="auto",
-        help="auto: from the suffix of OUT",
+        help="auto: from the suffix of OUT; torch-checkpoint: the PyTorch tutorials' "
+        "{model,optimizer}_state_dict dict of the last checkpoint (a .pt), to continue in torch",
     )
     p.add_argument("--platforms", default="cpu,cuda", help="stablehlo: the platforms to lower for")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")

@@ -50,6 +50,14 @@ first ``jaxnet train --resume`` to start from (``optimizer_state_dict``, and whe
 them ``scheduler_state_dict``, ``epoch`` and ``step``)."""
 
 
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - torch is a dev dependency
+        raise ConfigError("PyTorch checkpoints need PyTorch: pip install torch==2.13.0.") from e
+    return torch
+
+
 def optimizer_spec(config: TrainConfig, num_train: int) -> optim.OptimizerSpec:
     """The optimizer spec ``jaxnet train`` resolves for ``config`` with ``num_train`` training
     examples (the schedule's steps per epoch come from it)."""
@@ -90,8 +98,7 @@ def save_torch_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike) ->
     tutorials' checkpoint dict, which ``torch.load(out, weights_only=True)`` reads and
     ``net.load_state_dict``/``optimizer.load_state_dict`` (and ``scheduler.load_state_dict``)
     continue from exactly. Returns the dict written."""
-    import torch
-
+    torch = _torch()
     out = Path(out)
     if out.suffix.lower() not in (".pt", ".pth"):
         raise ConfigError(f"{out}: a torch checkpoint is a .pt or .pth file; name it so.")
@@ -138,14 +145,18 @@ def opt_state_of_checkpoint(
 
 def keep_optimizer_state(ckpt: Mapping[str, Any], workdir: str | os.PathLike) -> bool:
     """Keep a checkpoint dict's optimizer state (with its ``epoch`` and ``step``) as
-    ``<workdir>/torch_optimizer.pt``, atomically; False (nothing written) when it has none."""
+    ``<workdir>/torch_optimizer.pt``, atomically, after ``ckpt``'s weights were imported there;
+    False when it has none (a kept state of weights imported before is then removed: it
+    belonged to the checkpoint the import replaced)."""
+    path = Path(workdir) / TORCH_OPTIMIZER_FILE
     if not isinstance(ckpt.get("optimizer_state_dict"), Mapping):
+        path.unlink(missing_ok=True)
         return False
-    import torch
+    torch = _torch()
 
     keys = ("optimizer_state_dict", "scheduler_state_dict", "epoch", "step")
     kept = {k: ckpt[k] for k in keys if k in ckpt}
-    atomic_write(Path(workdir) / TORCH_OPTIMIZER_FILE, lambda tmp: torch.save(kept, tmp))
+    atomic_write(path, lambda tmp: torch.save(kept, tmp))
     return True
 
 
@@ -158,7 +169,7 @@ def resumed_state(
     path = Path(workdir) / TORCH_OPTIMIZER_FILE
     if not path.is_file():
         return None
-    import torch
+    torch = _torch()
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

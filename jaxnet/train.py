@@ -44,6 +44,7 @@ from jaxnet.step import (
     train_step_donated,
     train_steps,
 )
+from jaxnet.torch_checkpoint import TORCH_OPTIMIZER_FILE, resumed_state
 from jaxnet.workdir import (
     WorkdirError,
     check_resumable,
@@ -490,6 +491,15 @@ def _start_from_best(run: _Run, mesh: Mesh) -> None:
     target = abstract_params(_net(run.ds.num_classes, run.config.weight_init))
     params, _ = run.ckpts.restore_params(target, "best")
     _fresh_state(run, mesh, params)
+    # A PyTorch checkpoint dict imported with its optimizer state continues that run.
+    torch_run = resumed_state(run.workdir, run.config, len(run.ds.x_train), run.state)
+    if torch_run is not None:
+        run.state = torch_run if run.mesh is None else parallel.replicate(torch_run, mesh)
+        kept = run.workdir / TORCH_OPTIMIZER_FILE
+        run.console.print(
+            f"continuing the PyTorch run's optimizer state from {kept} at step "
+            f"{int(run.state.step)}"
+        )
     ds, config = run.ds, run.config
     val = evaluate(run.state, ds.x_val, ds.y_val, run.criterion, config.eval_batch_size, run.mesh)
     if math.isfinite(val["loss"]):

@@ -353,7 +353,7 @@ def test_reduce_lr_on_plateau_crosses(params0) -> None:
     state_dict, and both frameworks then reduce the lr on the same metrics alike."""
     spec = optim.resolve("sgd", {"lr": 0.1}, "reduce_lr_on_plateau", {"patience": 0, "factor": 0.5})
     run = torch_optimizer(spec, torch.float32, initial_weights())
-    torch_steps(run[:2] + (None,), gradient_stream()[:1])  # stepped per epoch, on a metric
+    torch_steps((*run[:2], None), gradient_stream()[:1])  # stepped per epoch, on a metric
     for metric in (1.0, 2.0):  # the second epoch is worse: lr 0.1 -> 0.05
         run[2].step(metric)
     theirs, sched = run[1].state_dict(), run[2].state_dict()

@@ -105,3 +105,34 @@ def test_import_keeps_and_train_resumes_optimizer_state(params0, tmp_path) -> No
     with pytest.raises(ValueError, match=r"lr=0\.001 \(jaxnet's: 0\.01\).*--lr"):
         resumed_state(tmp_path, other, 160, state)
     assert resumed_state(tmp_path / "elsewhere", config, 160, state) is None
+
+
+def test_cli_round_trip_through_a_torch_checkpoint(reference_run, tmp_path, capsys) -> None:
+    """jaxnet export --format torch-checkpoint, then jaxnet import of that dict and train
+    --resume: the new run starts from the exported weights, optimizer state and step."""
+    from conftest import small
+
+    from jaxnet.cli import main
+    from jaxnet.errors import EXIT_BAD_INPUT
+    from jaxnet.train import train_and_evaluate
+    from jaxnet.workdir import load_params
+
+    workdir, _ = reference_run
+    out = tmp_path / "run.pt"
+    args = ["export", str(out), "--workdir", str(workdir), "--format", "torch-checkpoint"]
+    assert main(args) == 0
+    assert "optimizer_state_dict of torch.optim.SGD" in capsys.readouterr().out
+    assert main(args) == EXIT_BAD_INPUT  # nothing replaced without --overwrite
+    exported = torch.load(out, weights_only=True)
+
+    again = tmp_path / "imported"
+    assert main(["import", str(out), "--workdir", str(again)]) == 0
+    assert "optimizer state" in capsys.readouterr().out
+    assert (again / "torch_optimizer.pt").is_file()
+    result = train_and_evaluate(small(epochs=1, resume=True), again)
+    steps_per_epoch = 8  # small(): 128 training examples in batches of 16
+    assert int(result.state.step) == exported["step"] + steps_per_epoch
+    last, _, _ = load_params(again, "last")
+    assert not np.array_equal(
+        np.asarray(last["fc3"]["bias"]), exported["model_state_dict"]["fc3.bias"]
+    )
