@@ -291,13 +291,18 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _looks_like(group: Mapping[str, Any]) -> str:
-    """Which jaxnet optimizers' torch arguments a param_group has (for the error message)."""
-    names = [
-        f"torch.optim.{cls}"
+    """The jaxnet optimizer whose torch arguments a param_group has, the most specific one
+    (the most arguments) where several fit (for the error message)."""
+    fits = {
+        cls: len(inspect.signature(optim.OPTIMIZERS[name]).parameters)
         for name, cls in optim.TORCH_CLASSES.items()
         if set(inspect.signature(optim.OPTIMIZERS[name]).parameters) <= set(group)
-    ]
-    return f" (its keys are those of {' or '.join(names)})" if names else ""
+    }
+    if not fits:
+        return ""
+    most = max(fits.values())
+    names = [f"torch.optim.{cls}" for cls, n in fits.items() if n == most]
+    return f" (its keys are those of {' or '.join(names)})"
 
 
 def _wanted_group(spec: optim.OptimizerSpec, steps: int) -> dict[str, Any]:

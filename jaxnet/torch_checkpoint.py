@@ -7,9 +7,9 @@ The dict is the one PyTorch's "saving and loading a general checkpoint" recipe w
     {"model_state_dict": net.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
      "epoch": epoch, ...}
 
-jaxnet adds ``"step"`` (optimizer steps taken), ``"scheduler_state_dict"`` (where the run has a
-schedule) and ``"jaxnet"`` (the optimizer spec, so the file says how to build the optimizer that
-loads it).
+``"epoch"`` is the number of epochs completed. jaxnet adds ``"step"`` (optimizer steps taken),
+``"scheduler_state_dict"`` (where the run has a schedule) and ``"jaxnet"`` (the optimizer spec,
+so the file says how to build the optimizer that loads it).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def save_torch_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike) ->
     ckpt: dict[str, Any] = {
         "model_state_dict": params_to_torch(state.params),
         "optimizer_state_dict": opt_state_to_torch(state.opt_state, spec, state.params, step=step),
-        "epoch": int(meta["epoch"]),
+        "epoch": int(meta["epoch"]) - 1,  # epochs completed (jaxnet's meta: the next one)
         "step": step,
         "jaxnet": {"optimizer": _spec_record(spec), "torch_class": optim.TORCH_CLASSES[spec.name]},
     }
