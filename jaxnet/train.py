@@ -638,6 +638,10 @@ def _finish_epoch(run: _Run, progress: EpochProgress, probe: Batch | None, bar: 
         run.state, run.ds, config, run.criterion, epoch, progress, probe, run.mesh
     )
     run.history.append(record)
+    # torch's ReduceLROnPlateau.step(val_loss) once per epoch, before the checkpoint saves the
+    # optimizer state that holds it; every other optimizer's state is left as it is.
+    opt_state = optim.plateau_step(run.state.tx, run.state.opt_state, record["val_loss"])
+    run.state = run.state.replace(opt_state=opt_state)
     # A non-finite validation loss is never the best (NaN compares False, inf would win).
     finite = math.isfinite(record["val_loss"])
     if finite and (run.best["val_loss"] is None or record["val_loss"] < run.best["val_loss"]):

@@ -297,3 +297,25 @@ def test_train_with_schedule_resumes_bit_identically(reference_run, tmp_path):
     assert not np.array_equal(
         np.asarray(plain.state.params["fc3"]["bias"]), np.asarray(whole.state.params["fc3"]["bias"])
     )
+
+
+def test_reduce_lr_on_plateau_steps_on_val_loss_and_resumes_bit_identically(tmp_path):
+    """--schedule reduce_lr_on_plateau: torch's scheduler.step(val_loss) after every epoch, its
+    state in the optimizer state, so a resumed run continues it bit for bit."""
+    from jaxnet import optim
+
+    # threshold 0.5: only a halving of the val loss counts as better, so epoch 2 reduces the lr.
+    sched = {
+        "schedule": "reduce_lr_on_plateau",
+        "schedule_kwargs": {"patience": 0, "factor": 0.5, "threshold": 0.5},
+    }
+    first = train_and_evaluate(small(epochs=1, **sched), tmp_path / "a")
+    resumed = train_and_evaluate(small(resume=True, **sched), tmp_path / "a")
+    whole = train_and_evaluate(small(**sched), tmp_path / "b")
+    assert first.status == resumed.status == whole.status == "finished"
+    assert_same_bits(
+        serialization.to_state_dict(resumed.state), serialization.to_state_dict(whole.state)
+    )
+    plateau = optim.plateau_of(whole.state.opt_state[1])
+    assert plateau.last_epoch == 2 and plateau.lr == SMALL.lr * 0.5
+    assert plateau.best == whole.history[0]["val_loss"]
