@@ -29,24 +29,35 @@ def worst_ratio(ours, t32, t64) -> float:
     return worst
 
 
-def check(spec: optim.OptimizerSpec, tx=None, limit: float = 4.0, steps: int = STEPS) -> float:
-    """float32: jaxnet within ``limit`` x torch float32's own distance from torch float64."""
-    t32 = ref.run_torch(spec, steps, torch.float32)
-    t64 = ref.run_torch(spec, steps, torch.float64)
-    ours = ref.run_jax(tx if tx is not None else optim.transform(spec), steps, jnp.float32)
+def check(spec: optim.OptimizerSpec, tx=None, limit: float = 4.0, ours=None) -> float:
+    """float32: jaxnet (``ours``, or a run of ``tx``, or of the spec's transform) within
+    ``limit`` x torch float32's own distance from torch float64, over ``STEPS`` steps."""
+    t32 = ref.run_torch(spec, STEPS, torch.float32)
+    t64 = ref.run_torch(spec, STEPS, torch.float64)
+    if ours is None:
+        ours = ref.run_jax(tx if tx is not None else optim.transform(spec), STEPS, jnp.float32)
     ratio = worst_ratio(ours, t32, t64)
     assert ratio <= limit, f"{spec}: {ratio:.3g} x torch's float32 round-off"
     return ratio
 
 
+@pytest.fixture(scope="module")
+def float64_runs() -> dict[str, list]:
+    """jaxnet's float64 trajectories of every case, compiled as one program (cheaper)."""
+    with jax.enable_x64(True):
+        txs = [optim.transform(ref.case_spec(c)) for c in ref.CASES]
+        runs = ref.run_jax_many(txs, 100, jnp.float64)
+    return {ref.case_id(c): r for c, r in zip(ref.CASES, runs, strict=True)}
+
+
 @pytest.mark.parametrize("case", ref.CASES, ids=[ref.case_id(c) for c in ref.CASES])
-def test_float64_equals_torch_after_100_steps(case, x64) -> None:
+def test_float64_equals_torch_after_100_steps(case, float64_runs) -> None:
     """Every optimizer and option, with and without schedules: float64 semantics are torch's
     to 1e-12 relative (docs/optimizers.md). Where rounding alone moves torch's own two
     implementations (for-loop, foreach) further apart, chaotic dynamics amplify any 1-ulp
     difference: there jaxnet must stay within 10x of torch's own distance."""
     spec = ref.case_spec(case)
-    ours = ref.run_jax(optim.transform(spec), 100, jnp.float64)
+    ours = float64_runs[ref.case_id(case)]
     theirs = ref.run_torch(spec, 100, torch.float64)
     diff = ref.max_relative_difference(ours, theirs)
     if diff > 1e-12:
@@ -77,11 +88,6 @@ F32_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", F32_CASES, ids=[ref.case_id(c) for c in F32_CASES])
-def test_float32_within_torchs_round_off(case) -> None:
-    check(ref.case_spec(case))
-
-
 F32_OLD = [
     ("sgd", {"lr": 0.1}),
     ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}),
@@ -94,9 +100,28 @@ F32_OLD = [
 ]
 
 
+def _f32_specs() -> dict[str, optim.OptimizerSpec]:
+    specs = {ref.case_id(c): ref.case_spec(c) for c in F32_CASES}
+    return specs | {f"{n}-{k}": optim.resolve(n, k) for n, k in F32_OLD}
+
+
+@pytest.fixture(scope="module")
+def float32_runs() -> dict[str, list]:
+    """jaxnet's float32 trajectories of ``F32_CASES`` and ``F32_OLD``, compiled as one
+    program."""
+    specs = _f32_specs()
+    runs = ref.run_jax_many([optim.transform(s) for s in specs.values()], STEPS, jnp.float32)
+    return dict(zip(specs, runs, strict=True))
+
+
+@pytest.mark.parametrize("case", F32_CASES, ids=[ref.case_id(c) for c in F32_CASES])
+def test_float32_within_torchs_round_off(case, float32_runs) -> None:
+    check(ref.case_spec(case), ours=float32_runs[ref.case_id(case)])
+
+
 @pytest.mark.parametrize("name,kwargs", F32_OLD, ids=[f"{n}-{k}" for n, k in F32_OLD])
-def test_optimizer_matches_torch(name, kwargs) -> None:
-    check(optim.resolve(name, kwargs))
+def test_optimizer_matches_torch(name, kwargs, float32_runs) -> None:
+    check(optim.resolve(name, kwargs), ours=float32_runs[f"{name}-{kwargs}"])
 
 
 def test_defaults_are_torchs() -> None:
