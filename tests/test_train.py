@@ -299,9 +299,10 @@ def test_train_with_schedule_resumes_bit_identically(reference_run, tmp_path):
     )
 
 
-def test_reduce_lr_on_plateau_steps_on_val_loss_and_resumes_bit_identically(tmp_path):
+def test_reduce_lr_on_plateau_steps_on_val_loss_and_resumes(tmp_path):
     """--schedule reduce_lr_on_plateau: torch's scheduler.step(val_loss) after every epoch, its
-    state in the optimizer state, so a resumed run continues it bit for bit."""
+    state in the checkpointed optimizer state, so a resumed run continues it (a lost state
+    would restart at best=inf: epoch 2 would improve and keep the lr)."""
     from jaxnet import optim
 
     # threshold 0.5: only a halving of the val loss counts as better, so epoch 2 reduces the lr.
@@ -309,13 +310,10 @@ def test_reduce_lr_on_plateau_steps_on_val_loss_and_resumes_bit_identically(tmp_
         "schedule": "reduce_lr_on_plateau",
         "schedule_kwargs": {"patience": 0, "factor": 0.5, "threshold": 0.5},
     }
-    first = train_and_evaluate(small(epochs=1, **sched), tmp_path / "a")
-    resumed = train_and_evaluate(small(resume=True, **sched), tmp_path / "a")
-    whole = train_and_evaluate(small(**sched), tmp_path / "b")
-    assert first.status == resumed.status == whole.status == "finished"
-    assert_same_bits(
-        serialization.to_state_dict(resumed.state), serialization.to_state_dict(whole.state)
-    )
-    plateau = optim.plateau_of(whole.state.opt_state[1])
-    assert plateau.last_epoch == 2 and plateau.lr == SMALL.lr * 0.5
-    assert plateau.best == whole.history[0]["val_loss"]
+    first = train_and_evaluate(small(epochs=1, **sched), tmp_path)
+    after_one = optim.plateau_of(first.state.opt_state[1])
+    assert after_one == (SMALL.lr, first.history[0]["val_loss"], 1, 0, 0)
+    resumed = train_and_evaluate(small(resume=True, **sched), tmp_path)
+    assert resumed.status == "finished" and len(resumed.history) == 2
+    plateau = optim.plateau_of(resumed.state.opt_state[1])
+    assert plateau == (SMALL.lr * 0.5, first.history[0]["val_loss"], 2, 0, 0)
