@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import LIVE, STOPPING, background_result, in_background
 
 pytest.importorskip("torch")
 
@@ -25,12 +30,45 @@ def _load_script():
     return module
 
 
+@in_background("reduced_device_check")
+def _reduced_run(out: Path) -> tuple[int, Path]:
+    """``scripts/device_check.py --reduced`` as a user runs it, in a subprocess of its own, so
+    that it runs beside the in-process tests."""
+    if STOPPING.is_set():
+        pytest.fail("the session ended before the device check started")
+    with open(out / "console.txt", "w+") as console:
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--reduced", "--out", str(out / "result")],
+            cwd=SCRIPT.parents[1],
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        LIVE.add(proc)
+        try:
+            code = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"the reduced device check did not end within 300 s; output in {out}")
+        finally:
+            LIVE.discard(proc)
+        console.seek(0)
+        assert code == 0, f"device_check.py --reduced exited {code}:\n{console.read()[-4000:]}"
+    return code, out / "result"
+
+
+@pytest.fixture(scope="module")
+def reduced_run(request) -> tuple[int, Path]:
+    return background_result(request, "reduced_device_check")
+
+
 @pytest.mark.slow
-def test_reduced_run_writes_every_section_without_errors(tmp_path, capsys):
+def test_reduced_run_writes_every_section_without_errors(reduced_run):
     device_check = _load_script()
-    assert device_check.main(["--reduced", "--out", str(tmp_path)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["device_check.json", "device_check.log"]
-    doc = json.loads((tmp_path / "device_check.json").read_text())
+    _, out = reduced_run
+    assert sorted(p.name for p in out.iterdir()) == ["device_check.json", "device_check.log"]
+    doc = json.loads((out / "device_check.json").read_text())
     assert doc["reduced"] is True
     sections = doc["sections"]
     assert list(sections) == list(device_check.SECTION_CAPS_S)
@@ -56,5 +94,5 @@ def test_reduced_run_writes_every_section_without_errors(tmp_path, capsys):
         assert result["config"]["dtype"] == dtype
         (row,) = result["summary"]
         assert row["speed_vs_torch_eager"]["jax_step"] > 0 and row["first_call_s"]["jax_step"] > 0
-    log = (tmp_path / "device_check.log").read_text()
+    log = (out / "device_check.log").read_text()
     assert "all sections ok" in log and "== bench_bfloat16" in log

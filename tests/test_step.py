@@ -195,7 +195,7 @@ def test_train_step_matches_pytorch(step, torch_step_reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_name", ["cross_entropy", "l1"])
+@pytest.mark.parametrize("loss_name", ["cross_entropy"])  # l1: the validator's parity matrix
 def test_20_step_trajectory_within_float32_noise(net, loss_name, record_property):
     """Relative L2 distance of all params after 20 steps: jaxnet-vs-torch(float32) stays below
     2x the distance torch(float32)-vs-torch(float64) from the same start (measured: ~0.1x)."""
