@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from jaxnet import data
 from jaxnet.errors import ConfigError
 
 __all__ = [
@@ -96,3 +97,15 @@ def check_train_config(config: TrainConfig) -> None:
         raise ConfigError(f"--lr must be a finite number >= 0, got {config.lr!r}.")
     if not isinstance(config.seed, int) or not 0 <= config.seed < 2**63:
         raise ConfigError(f"--seed must be an integer in [0, 2**63), got {config.seed!r}.")
+
+
+def load_dataset(config: TrainConfig) -> data.Dataset:
+    """The data a run of ``config`` trains on: its source, classes, split and normalisation."""
+    return data.load_data(
+        config.data,
+        config.num_classes,
+        config.label_rule,
+        config.val_fraction,
+        config.split_seed,
+        config.limit,
+    )

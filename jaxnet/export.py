@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnet import data
-from jaxnet.config import TrainConfig
+from jaxnet.config import TrainConfig, load_dataset
 from jaxnet.convert import WeightFileError, params_from_torch, params_to_torch
 from jaxnet.errors import ConfigError
 from jaxnet.images import IMAGE_SIZE, IN_CHANNELS
@@ -154,14 +154,7 @@ def run_info(workdir: str | os.PathLike, which: str = "best") -> tuple[Any, Mode
     params, config, meta = load_params(workdir, which)
     data_meta = meta.get("data")
     if not data_meta:
-        ds = data.load_data(
-            config.data,
-            config.num_classes,
-            config.label_rule,
-            config.val_fraction,
-            config.split_seed,
-            config.limit,
-        )
+        ds = load_dataset(config)
         data_meta = {"mean": ds.mean, "std": ds.std}
     return params, model_info(config, data_meta)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxnet import data
+from jaxnet.config import load_dataset
 from jaxnet.errors import ConfigError
 from jaxnet.export import model_info
 from jaxnet.inference import predict
@@ -113,7 +113,7 @@ def draw_features(
     imported file's metadata names them); returns the PNG's path (default
     ``<workdir>/features.png``)."""
     params, c, meta = load_params(workdir, which)
-    ds = data.load_data(c.data, c.num_classes, c.label_rule, c.val_fraction, c.split_seed, c.limit)
+    ds = load_dataset(c)
     info = model_info(c, meta.get("data") or {"mean": ds.mean, "std": ds.std})
     x, y = (ds.x_val, ds.y_val) if split == "val" else (ds.x_train, ds.y_train)
     if not 0 <= index < len(x):

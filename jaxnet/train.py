@@ -29,7 +29,7 @@ from rich.console import Console
 
 from jaxnet import data, losses, optim, parallel, report
 from jaxnet.checkpoint import CheckpointError, Checkpoints
-from jaxnet.config import TrainConfig, check_train_config, config_to_json
+from jaxnet.config import TrainConfig, check_train_config, config_to_json, load_dataset
 from jaxnet.criteria import Criterion, criterion
 from jaxnet.errors import EXIT_RUN_FAILED, ConfigError, JaxnetError
 from jaxnet.model import Net, abstract_params, init_params
@@ -400,14 +400,7 @@ def _setup(config: TrainConfig, workdir: Path, mesh: Mesh) -> _Run:
     primary = parallel.is_primary()
     # soft_wrap: lines are never hard-wrapped (a log file or a pipe gets whole lines).
     console = Console(highlight=False, soft_wrap=True, quiet=not primary)
-    ds = data.load_data(
-        config.data,
-        config.num_classes,
-        config.label_rule,
-        config.val_fraction,
-        config.split_seed,
-        config.limit,
-    )
+    ds = load_dataset(config)
     steps_per_epoch = data.num_batches(len(ds.x_train), config.batch_size)
     net = _net(ds.num_classes, config.weight_init)
     spec = optim.resolve(
