@@ -8,8 +8,7 @@ the optimizer (and its schedule), never the model or the data.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -19,6 +18,7 @@ import optax
 import torch
 
 from jaxnet import optim, schedules
+from jaxnet.torch_reference import torch_default_dtype
 
 __all__ = [
     "CASES",
@@ -140,18 +140,6 @@ def initial_params(seed: int = 1) -> dict[str, np.ndarray]:
     return {n: rng.standard_normal(s) * 0.1 for n, s in SHAPES.items()}
 
 
-@contextlib.contextmanager
-def _torch_default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """torch keeps some optimizer state (NAdam's ``mu_product``, step counts) in its default
-    dtype, whatever the parameters': a float64 reference needs float64 there too."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def _torch_scheduler(opt: torch.optim.Optimizer, spec: optim.OptimizerSpec):
     if spec.schedule is None:
         return None
@@ -167,7 +155,7 @@ def run_torch(
     torch's other implementation (one kernel over all tensors; the for-loop one is the CPU
     default): the same semantics with other roundings, so the two measure how far rounding
     alone carries a trajectory (far, where the dynamics are chaotic)."""
-    with _torch_default_dtype(dtype):
+    with torch_default_dtype(dtype):
         params = {
             n: torch.nn.Parameter(torch.from_numpy(v).to(dtype))
             for n, v in initial_params().items()

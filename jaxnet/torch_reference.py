@@ -5,11 +5,14 @@ Importing this module needs PyTorch; ``import jaxnet`` does not import it.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["TorchNet", "make_torch_net"]
+__all__ = ["TorchNet", "make_torch_net", "torch_default_dtype"]
 
 
 class TorchNet(nn.Module):
@@ -44,3 +47,19 @@ def make_torch_net(seed: int, num_classes: int = 2, dtype: torch.dtype = torch.f
     finally:
         torch.random.set_rng_state(gen_state)
     return net.to(dtype)
+
+
+@contextlib.contextmanager
+def torch_default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default dtype set to ``dtype`` inside the block, restored after it.
+
+    torch keeps some optimizer state (NAdam's ``mu_product``, step counts) in its default dtype
+    whatever the parameters', created lazily at the first ``step()``: a float64 reference run
+    needs float64 there too.
+    """
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)

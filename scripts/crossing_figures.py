@@ -49,7 +49,7 @@ from jaxnet.optstate import (  # noqa: E402
     opt_state_to_torch,
     torch_scheduler_state,
 )
-from jaxnet.torch_reference import make_torch_net  # noqa: E402
+from jaxnet.torch_reference import make_torch_net, torch_default_dtype  # noqa: E402
 
 CASES = [
     ("sgd", {"lr": 0.05, "momentum": 0.9, "dampening": 0.5, "weight_decay": 1e-2}, None, {}),
@@ -71,13 +71,8 @@ GRADS = jax.jit(step.compute_grads, static_argnames=("apply_fn", "criterion"))
 @contextlib.contextmanager
 def precision(dtype: torch.dtype):
     """float64: jax x64 and torch's default dtype (its step counts, NAdam's mu_product)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with jax.enable_x64(dtype == torch.float64):
-            yield
-    finally:
-        torch.set_default_dtype(old)
+    with torch_default_dtype(dtype), jax.enable_x64(dtype == torch.float64):
+        yield
 
 
 def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -6,7 +6,6 @@ refusal names its fix."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 
@@ -29,6 +28,7 @@ from jaxnet.optstate import (
     torch_param_names,
     torch_scheduler_state,
 )
+from jaxnet.torch_reference import torch_default_dtype
 
 torch = pytest.importorskip("torch")
 
@@ -71,18 +71,6 @@ def initial_weights() -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 # The two frameworks' steps
 # ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def torch_dtype(dtype):
-    """torch keeps step counts and NAdam's mu_product in its default dtype, whatever the
-    parameters': a float64 torch run needs float64 there too."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def torch_optimizer(spec, dtype, weights):
@@ -168,7 +156,7 @@ def crossing(name: str, dtype) -> tuple[float, float]:
     spec = SPECS[name]
     tdtype = torch.float64 if dtype == np.float64 else torch.float32
     grads = gradient_stream()
-    with torch_dtype(tdtype):
+    with torch_default_dtype(tdtype):
         run = torch_optimizer(spec, tdtype, initial_weights())
         weights = torch_steps(run, grads[:K])
         saved = copy.deepcopy(run[1].state_dict())
@@ -236,7 +224,7 @@ def test_continuation_float32() -> None:
     weights = torch_steps(run, grads[:1])
     saved = copy.deepcopy(run[1].state_dict())
     t32 = [torch_steps(run, grads[1:2]), torch_steps(run, grads[2:])]
-    with torch_dtype(torch.float64):
+    with torch_default_dtype(torch.float64):
         run = torch_optimizer(spec, torch.float64, initial_weights())
         t64 = [torch_steps(run, grads[:2]), torch_steps(run, grads[2:])]
 

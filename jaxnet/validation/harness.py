@@ -118,21 +118,6 @@ def _torch_optimizer(net: Any, spec: OptimizerSpec, fast: bool) -> Any:
     return cls(net.parameters(), **options)
 
 
-@contextlib.contextmanager
-def _torch_default_dtype(dtype: Any) -> Iterator[None]:
-    """torch keeps some optimizer state (NAdam's ``mu_product``, step counts) in its default
-    dtype whatever the parameters', created lazily at the first ``step()``: a float64 run
-    needs float64 there too."""
-    import torch
-
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(saved)
-
-
 class TorchRun:
     """One PyTorch run: net, optimizer and scheduler, in the net's dtype (``fast``: a float64
     run may use torch's fused/foreach optimizer kernels).
@@ -158,13 +143,17 @@ class TorchRun:
         self.count = 0
 
     def _opt_step(self) -> None:
-        with _torch_default_dtype(self.dtype):
+        from jaxnet.torch_reference import torch_default_dtype
+
+        with torch_default_dtype(self.dtype):
             self.opt.step()
 
     def end_epoch(self, metric: float) -> None:
         """``scheduler.step(metric)`` of a ``reduce_lr_on_plateau`` run (else nothing)."""
         if self.by_metric:
-            with _torch_default_dtype(self.dtype):
+            from jaxnet.torch_reference import torch_default_dtype
+
+            with torch_default_dtype(self.dtype):
                 self.sched.step(metric)
 
     def params(self) -> dict[str, np.ndarray]:
