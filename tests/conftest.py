@@ -128,6 +128,31 @@ STOPPING = threading.Event()
 _FUTURES = pytest.StashKey[dict[str, Future]]()
 
 
+def run_logged(argv: list[str], log_path: Path, *, cwd: Path, timeout: float, what: str) -> str:
+    """Run ``argv`` as a subprocess the session owns (in ``LIVE``: killed with its process group
+    when the session ends), stdout and stderr into ``log_path``; fail the test unless it exits 0
+    within ``timeout`` seconds. Returns the log's text."""
+    if STOPPING.is_set():
+        pytest.fail(f"the session ended before {what} started")
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(
+            argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        LIVE.add(proc)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"{what} did not finish within {timeout} s; log in {log_path}")
+        finally:
+            LIVE.discard(proc)
+        log.seek(0)
+        text = log.read()
+    assert code == 0, f"{what} failed (exit {code}):\n{text[-4000:]}"
+    return text
+
+
 def in_background(name: str) -> Callable[[Callable[[Path], Any]], Callable[[Path], Any]]:
     """Register ``run(directory)`` as the work behind the session fixture ``name``.
 

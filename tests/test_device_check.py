@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import LIVE, STOPPING, background_result, in_background
+from conftest import background_result, in_background, run_logged
 
 pytest.importorskip("torch")
 
@@ -31,42 +28,29 @@ def _load_script():
 
 
 @in_background("reduced_device_check")
-def _reduced_run(out: Path) -> tuple[int, Path]:
+def _reduced_run(out: Path) -> Path:
     """``scripts/device_check.py --reduced`` as a user runs it, in a subprocess of its own, so
     that it runs beside the in-process tests."""
-    if STOPPING.is_set():
-        pytest.fail("the session ended before the device check started")
-    with open(out / "console.txt", "w+") as console:
-        proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "--reduced", "--out", str(out / "result")],
-            cwd=SCRIPT.parents[1],
-            stdout=console,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        LIVE.add(proc)
-        try:
-            code = proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"the reduced device check did not end within 300 s; output in {out}")
-        finally:
-            LIVE.discard(proc)
-        console.seek(0)
-        assert code == 0, f"device_check.py --reduced exited {code}:\n{console.read()[-4000:]}"
-    return code, out / "result"
+    argv = [sys.executable, str(SCRIPT), "--reduced", "--out", str(out / "result")]
+    run_logged(
+        argv,
+        out / "console.txt",
+        cwd=SCRIPT.parents[1],
+        timeout=300,
+        what="the reduced device check",
+    )
+    return out / "result"
 
 
 @pytest.fixture(scope="module")
-def reduced_run(request) -> tuple[int, Path]:
+def reduced_run(request) -> Path:
     return background_result(request, "reduced_device_check")
 
 
 @pytest.mark.slow
 def test_reduced_run_writes_every_section_without_errors(reduced_run):
     device_check = _load_script()
-    _, out = reduced_run
+    out = reduced_run
     assert sorted(p.name for p in out.iterdir()) == ["device_check.json", "device_check.log"]
     doc = json.loads((out / "device_check.json").read_text())
     assert doc["reduced"] is True

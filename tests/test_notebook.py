@@ -6,15 +6,12 @@ the session starts (conftest's ``in_background``); the test checks the executed 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import LIVE, STOPPING, background_result, in_background
+from conftest import background_result, in_background, run_logged
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "tutorial.ipynb"
 
@@ -31,27 +28,8 @@ nbformat.write(nb, sys.argv[2])
 def _execute(out: Path) -> Path:
     """The notebook executed by nbclient (which raises on a cell's error: a non-zero exit)."""
     executed = out / "tutorial.ipynb"
-    if STOPPING.is_set():
-        pytest.fail("the session ended before the notebook started")
-    with open(out / "log.txt", "w+") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _EXECUTE, str(NOTEBOOK), str(executed)],
-            cwd=NOTEBOOK.parent.parent,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        LIVE.add(proc)
-        try:
-            code = proc.wait(timeout=600)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"the notebook did not finish within 600 s; log in {out}")
-        finally:
-            LIVE.discard(proc)
-        log.seek(0)
-        assert code == 0, f"the notebook failed (exit {code}):\n{log.read()[-4000:]}"
+    argv = [sys.executable, "-c", _EXECUTE, str(NOTEBOOK), str(executed)]
+    run_logged(argv, out / "log.txt", cwd=NOTEBOOK.parent.parent, timeout=600, what="the notebook")
     return executed
 
 
