@@ -318,7 +318,7 @@ class Checkpoints:
             raise CheckpointError(
                 f"no checkpoints at {self.directory}; train first (jaxnet train)."
             )
-        steps = self._manager(name).all_steps() if (self.directory / name).is_dir() else []
+        steps = self._listed_steps(name) if (self.directory / name).is_dir() else []
         if not steps:
             found = sorted(p.name for p in self.directory.iterdir())
             raise CheckpointError(
@@ -327,6 +327,22 @@ class Checkpoints:
                 "written by `jaxnet train` or `jaxnet import`."
             )
         return max(steps)
+
+    def _listed_steps(self, name: str) -> list[int]:
+        """The steps orbax's manager for ``name`` lists. Making a manager lists the folder and
+        then stats each step, so a live run deleting an old step in between makes it raise
+        ``FileNotFoundError``: that is a newer view to take, not a broken folder."""
+        for attempt in range(4):
+            try:
+                return list(self._manager(name).all_steps())
+            except FileNotFoundError as e:
+                self._forget(name)
+                if attempt == 3:
+                    raise CheckpointError(
+                        f"{self.directory / name} kept changing while it was read ({e}); "
+                        "read it again once the run writing it has saved."
+                    ) from e
+        raise AssertionError("unreachable")
 
     def _restore(self, name: str, step: int, **items: Any) -> dict[str, Any]:
         ocp = _orbax()

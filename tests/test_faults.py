@@ -103,6 +103,27 @@ def test_readers_during_a_training_run_never_break_it(tmp_path: Path):
     assert not list(tmp_path.glob("checkpoints/*/*orbax-checkpoint-tmp*"))
 
 
+def test_a_step_deleted_while_a_reader_lists_the_folder_is_taken_as_a_newer_view(
+    copy_of_reference: Path, monkeypatch
+):
+    """Orbax's manager lists the step folders and then stats each one: a live run deleting its
+    previous ``last`` step in between makes the constructor raise ``FileNotFoundError``. The
+    reader must list again, not fail."""
+    real = ocp.CheckpointManager
+    calls = []
+
+    def racing(directory, *args, **kwargs):
+        calls.append(directory)
+        if len(calls) == 1:
+            gone = Path(directory) / "8"
+            raise FileNotFoundError(2, "No such file or directory", str(gone))
+        return real(directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp, "CheckpointManager", racing)
+    params = load_params(copy_of_reference, "last")
+    assert len(calls) == 2 and params
+
+
 # --- verified on restore ---------------------------------------------------------------------
 
 
