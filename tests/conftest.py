@@ -8,11 +8,13 @@ one compilation instead of each compiling the same step again.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +32,31 @@ import jaxnet.train
 from jaxnet.criteria import CRITERIA as _REGISTRY
 from jaxnet.model import init_params
 from jaxnet.train import TrainConfig, train_and_evaluate
+
+
+def _one_jit_cache_for_the_session() -> None:
+    """One JAX compilation cache for this session and every subprocess it starts (CLI runs, the
+    parallel workers, the notebook, the device check): they compile many of the same programs,
+    and a program compiled once is then read back. Fresh per session, removed at its end; a
+    cache the environment already names is used instead."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="jaxnet-tests-jit-cache-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs",
+        float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+    )
+    jax.config.update(
+        "jax_persistent_cache_min_entry_size_bytes",
+        int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]),
+    )
+
+
+_one_jit_cache_for_the_session()
 
 BATCH = 16
 
@@ -170,7 +197,15 @@ def in_background(name: str) -> Callable[[Callable[[Path], Any]], Callable[[Path
 
 
 def background_result(request: pytest.FixtureRequest, name: str) -> Any:
-    """The result of the background job ``name`` (waiting for it), or of running it now."""
+    """The result of the background job ``name`` (waiting for it), or of running it now.
+
+    Call it from the fixture named ``name``: the session starts a job in the background only
+    for the tests whose fixtures include that name (and runs those tests last)."""
+    if request.fixturename != name:
+        raise RuntimeError(
+            f"the fixture for background job {name!r} is named {request.fixturename!r}: name "
+            "it as the job, or the job runs in the foreground when the fixture is first used"
+        )
     futures = request.config.stash.get(_FUTURES, {})
     if name in futures:
         return futures[name].result()

@@ -43,14 +43,14 @@ def _reduced_run(out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reduced_run(request) -> Path:
+def reduced_device_check(request) -> Path:
     return background_result(request, "reduced_device_check")
 
 
 @pytest.mark.slow
-def test_reduced_run_writes_every_section_without_errors(reduced_run):
+def test_reduced_run_writes_every_section_without_errors(reduced_device_check):
     device_check = _load_script()
-    out = reduced_run
+    out = reduced_device_check
     assert sorted(p.name for p in out.iterdir()) == ["device_check.json", "device_check.log"]
     doc = json.loads((out / "device_check.json").read_text())
     assert doc["reduced"] is True
