@@ -260,8 +260,8 @@ class _PublicStep:
     Why: a host callback in a compiled function (the in-step label check) takes every call
     off JAX's fast C++ dispatch path onto its Python one, 0.3-1 ms per call: a third of a
     training step at batch 1 and half of an ``eval_step``. The first call also tunes the
-    host's malloc (``jaxnet.host``). ``lower``, ``trace`` and the docstring are the jitted
-    step's (``guard=True``: the version with the in-step check).
+    host's malloc (``jaxnet.host``). ``lower`` gives the program a call runs; ``trace`` and
+    the docstring are the jitted step's.
     """
 
     def __init__(self, jitted: Callable[..., Any], stacked: bool = False) -> None:
@@ -274,6 +274,21 @@ class _PublicStep:
     ):
         checked = _labels_checked_on_host(state, batch, criterion, self._stacked)
         return self._jitted(state, batch, criterion=criterion, guard=not checked)
+
+    def lower(
+        self,
+        state: TrainState,
+        batch: Batch,
+        criterion: Criterion = losses.cross_entropy,
+        *,
+        guard: bool | None = None,
+    ) -> Any:
+        """``jax.stages.Lowered`` of the program a call with these arguments runs (without the
+        in-step label check when the labels can be read on the host), for ``.compile()``,
+        ``.as_text()`` and ``memory_analysis()``; ``guard=True``/``False`` picks the version."""
+        if guard is None:
+            guard = not _labels_checked_on_host(state, batch, criterion, self._stacked)
+        return self._jitted.lower(state, batch, criterion=criterion, guard=guard)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._jitted, name)
