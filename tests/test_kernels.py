@@ -116,10 +116,10 @@ def test_chunked_kernel_gradient_equals_one_convolution(n):
         )
 
 
-@pytest.mark.parametrize(("n", "cin", "cout"), [(1, 1, 6), (5, 6, 16), (64, 6, 16)])
+@pytest.mark.parametrize(("n", "cin", "cout"), [(1, 1, 6), (5, 6, 16), (3, 8, 16), (64, 6, 16)])
 def test_input_gradient_forms_agree(n, cin, cout):
-    # The CPU form (one matmul over the 9 taps + shifted sum) and the transposed convolution
-    # used on other platforms, both against float64 numpy.
+    # The CPU form (the transposed convolution with its output channels padded to a multiple of
+    # 8) and the one used on other platforms, both against float64 numpy.
     rng = np.random.default_rng(n)
     g = rng.standard_normal((n, 10, 9, cout), dtype=np.float32)
     k = rng.standard_normal((3, 3, cin, cout), dtype=np.float32)
@@ -128,7 +128,7 @@ def test_input_gradient_forms_agree(n, cin, cout):
     for i in range(3):
         for j in range(3):
             ref[:, i : i + 10, j : j + 9] += np.einsum("nhwo,co->nhwc", g64, k64[i, j])
-    for fn in (kernels._conv3x3_dinput_taps, kernels._conv3x3_dinput_conv, kernels._conv3x3_dinput):
+    for fn in (kernels._conv3x3_dinput_padded, kernels._conv3x3_dinput_conv, kernels._conv3x3_dinput):
         out = np.asarray(jax.jit(fn)(g, k), np.float64)
         assert out.shape == ref.shape
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
