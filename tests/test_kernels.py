@@ -128,7 +128,11 @@ def test_input_gradient_forms_agree(n, cin, cout):
     for i in range(3):
         for j in range(3):
             ref[:, i : i + 10, j : j + 9] += np.einsum("nhwo,co->nhwc", g64, k64[i, j])
-    for fn in (kernels._conv3x3_dinput_padded, kernels._conv3x3_dinput_conv, kernels._conv3x3_dinput):
+    for fn in (
+        kernels._conv3x3_dinput_padded,
+        kernels._conv3x3_dinput_conv,
+        kernels._conv3x3_dinput,
+    ):
         out = np.asarray(jax.jit(fn)(g, k), np.float64)
         assert out.shape == ref.shape
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
@@ -172,3 +176,21 @@ def test_compiled_step_gives_no_convolution_to_ynnpack():
         for comp in computations:
             if comp.lstrip().startswith(body + " ") or f"\n{body} " in comp:
                 assert " convolution(" not in comp, comp
+
+
+def test_the_kernel_forms_benchmark_runs_and_its_forms_agree():
+    # scripts/kernel_forms.py gives docs/performance.md its conv2 and fc1 figures: the forms of
+    # each section must compute the same thing (float32 round-off of sums of 54-12,544 terms).
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "kernel_forms.py"
+    spec = importlib.util.spec_from_file_location("kernel_forms", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.measure(2, reps=1)
+    assert set(result) == {"conv2_forward", "conv2_input_gradient", "fc1"}
+    for forms in result.values():
+        assert len(forms) >= 3 and all(v["ms"] > 0 for v in forms.values())
+        for v in forms.values():
+            assert v.get("max_abs_diff", 0.0) < 1e-4, forms

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""conv2's forward pass and input gradient in every form measured, and fc1's three matmuls
+with the kernel stored (in, out) as Flax's Dense does or (out, in) as torch's Linear does, on
+this machine's CPU.
+
+Each form is jitted alone and timed (median of ``--reps`` calls) with glibc's malloc tuned as
+jaxnet's steps tune it, the forms of one batch size interleaved round by round, so that load
+from elsewhere hits them alike; PyTorch's ``no_grad`` conv2 + ReLU is timed beside them.
+``max_abs_diff`` is against the first form of each section (float32 round-off only).
+
+    python3 scripts/kernel_forms.py --json benchmarks/kernel-forms-cpu-2core.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from jaxnet import host, kernels
+
+
+def _pad_channels(x: jax.Array, axis_size: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, axis_size - x.shape[-1]),))
+
+
+def _forward_forms() -> dict[str, Any]:
+    def padded_in(c: int):
+        def f(x, k):
+            kp = jnp.pad(k, ((0, 0), (0, 0), (0, c - k.shape[2]), (0, 0)))
+            return kernels._conv3x3_xla(_pad_channels(x, c), kp)
+
+        return f
+
+    def padded_out(o: int):
+        return lambda x, k: kernels._conv3x3_xla(x, _pad_channels(k, o))[..., : k.shape[3]]
+
+    return {
+        "xla (6 channels)": kernels._conv3x3_xla,
+        "inputs padded to 8 (used)": kernels._conv3x3_padded,
+        "inputs padded to 16": padded_in(16),
+        "outputs padded to 32 (YNNPACK)": padded_out(32),
+    }
+
+
+def _input_gradient_forms() -> dict[str, Any]:
+    def taps(g, kernel):  # one matmul over the 9 taps, then a fused sum of shifted slices
+        n, h, w, o = g.shape
+        c = kernel.shape[2]
+        t = g.reshape(n * h * w, o) @ kernel.transpose(3, 0, 1, 2).reshape(o, 9 * c)
+        t = t.reshape(n, h, w, 3, 3, c)
+        pads = (((0, 0), (i, 2 - i), (j, 2 - j), (0, 0)) for i in range(3) for j in range(3))
+        return sum(jnp.pad(t[:, :, :, i // 3, i % 3, :], p) for i, p in enumerate(pads))
+
+    return {
+        "transposed conv (6 channels)": kernels._conv3x3_dinput_conv,
+        "transposed conv padded to 8 (used)": kernels._conv3x3_dinput_padded,
+        "9-tap matmul + shifted sum": taps,
+    }
+
+
+def _fc1_forms() -> dict[str, Any]:
+    # (x, g, w_in_out, w_out_in) -> the forward matmul and the two gradient matmuls.
+    nt = (((1,), (1,)), ((), ()))
+    return {
+        "forward, kernel (in, out)": lambda x, g, w, wt: x @ w,
+        "forward, kernel (out, in)": lambda x, g, w, wt: jax.lax.dot_general(x, wt, nt),
+        "input gradient, kernel (in, out)": lambda x, g, w, wt: jax.lax.dot_general(g, w, nt),
+        "input gradient, kernel (out, in)": lambda x, g, w, wt: g @ wt,
+        "kernel gradient (in, out)": lambda x, g, w, wt: x.T @ g,
+        "kernel gradient (out, in)": lambda x, g, w, wt: g.T @ x,
+    }
+
+
+def _time_interleaved(calls: dict[str, Any], reps: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():  # first calls: compile and warm up
+        call()
+    for _ in range(reps):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()}
+
+
+def _torch_conv2(x: jax.Array) -> Any:
+    conv = torch.nn.Conv2d(6, 16, 3)
+    xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+
+    def call() -> None:
+        with torch.no_grad():
+            torch.relu(conv(xt))
+
+    return call
+
+
+def measure(batch: int, reps: int) -> dict[str, Any]:
+    """Per section and form: milliseconds per call and the largest difference from the
+    section's reference form."""
+    rng = np.random.default_rng(batch)
+    x = jnp.asarray(rng.standard_normal((batch, 30, 30, 6), np.float32))
+    g = jnp.asarray(rng.standard_normal((batch, 28, 28, 16), np.float32))
+    k = jnp.asarray(rng.standard_normal((3, 3, 6, 16), np.float32))
+    h = jnp.asarray(rng.standard_normal((batch, 12544), np.float32))
+    g1 = jnp.asarray(rng.standard_normal((batch, 512), np.float32))
+    w = jnp.asarray(rng.standard_normal((12544, 512), np.float32) / 112)
+    out: dict[str, Any] = {}
+    for section, forms, args in (
+        ("conv2_forward", _forward_forms(), (x, k)),
+        ("conv2_input_gradient", _input_gradient_forms(), (g, k)),
+        ("fc1", _fc1_forms(), (h, g1, w, w.T.copy())),
+    ):
+        jitted = {name: jax.jit(f) for name, f in forms.items()}
+        outs = {name: np.asarray(f(*args)) for name, f in jitted.items()}
+        names = list(outs)
+        # Each form against the section's first; fc1's (out, in) forms against their twins.
+        ref_of = {
+            n: names[i - i % 2] if section == "fc1" else names[0] for i, n in enumerate(names)
+        }
+        calls = {n: (lambda f=f, a=args: jax.block_until_ready(f(*a))) for n, f in jitted.items()}
+        if section == "conv2_forward":
+            calls["pytorch conv2d + relu, no_grad"] = _torch_conv2(x)
+        ms = _time_interleaved(calls, reps)
+        out[section] = {name: {"ms": ms[name]} for name in calls}
+        for name in names:
+            out[section][name]["max_abs_diff"] = _diff(outs[name], outs[ref_of[name]])
+    return out
+
+
+def _diff(got: np.ndarray, ref: np.ndarray) -> float:
+    # A kernel gradient of an (out, in) kernel is the transpose of its (in, out) twin's.
+    return float(np.max(np.abs((got.T if got.shape != ref.shape else got) - ref)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-sizes", default="1,32,256,1024")
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    host.tune_malloc()
+    torch.set_num_threads(2)
+    doc = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": f"scripts/kernel_forms.py --batch-sizes {args.batch_sizes}",
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "batches": {},
+    }
+    for b in (int(s) for s in args.batch_sizes.split(",")):
+        doc["batches"][str(b)] = measure(b, args.reps)
+        for section, forms in doc["batches"][str(b)].items():
+            row = ", ".join(f"{n}: {v['ms']:.2f} ms" for n, v in forms.items())
+            print(f"batch {b} {section}: {row}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
