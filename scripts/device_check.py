@@ -305,19 +305,26 @@ def _judge(runs: dict[str, Any]) -> dict[str, Any]:
     return table
 
 
-def parity(result: dict[str, Any], reduced: bool) -> None:
+def _one_batch(reduced: bool) -> tuple[str, Any, Any, Any]:
+    """The parity checks' torch device, batch (images NHWC float32, int64 labels) and start
+    Net: 64 samples (4 reduced), seed 0."""
     import numpy as np
-    import torch
 
     from jaxnet.torch_reference import make_torch_net
-    from jaxnet.validation import DEFAULT_STEP_FACTOR
 
-    device = _torch_device(reduced)
     n = 4 if reduced else 64
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, 32, 32, 1), dtype=np.float32)
     y = rng.integers(0, 2, n).astype(np.int64)
-    start = make_torch_net(0)
+    return _torch_device(reduced), x, y, make_torch_net(0)
+
+
+def parity(result: dict[str, Any], reduced: bool) -> None:
+    import torch
+
+    from jaxnet.validation import DEFAULT_STEP_FACTOR
+
+    device, x, y, start = _one_batch(reduced)
     with float32_everywhere():
         runs = {
             "torch32": _torch_one_step(start, torch.float32, device, x, y),
@@ -327,7 +334,7 @@ def parity(result: dict[str, Any], reduced: bool) -> None:
     table = _judge(runs)
     worst = max(table, key=lambda k: table[k]["ratio_to_floor"])
     result.update(
-        batch_size=n,
+        batch_size=len(x),
         torch_device=device,
         jax_device=runs["jax"]["device"],
         conv_kernels_of_train_step=runs["jax"]["conv_kernels"],
@@ -347,14 +354,7 @@ def parity_float64(result: dict[str, Any], reduced: bool) -> None:
     import numpy as np
     import torch
 
-    from jaxnet.torch_reference import make_torch_net
-
-    device = _torch_device(reduced)
-    n = 4 if reduced else 64
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, 32, 32, 1), dtype=np.float32)
-    y = rng.integers(0, 2, n).astype(np.int64)
-    start = make_torch_net(0)
+    device, x, y, start = _one_batch(reduced)
     with float32_everywhere(), jax.enable_x64(True):
         ours = _jax_one_step(start, x, y, np.float64)
         ref = _torch_one_step(start, torch.float64, device, x, y)
@@ -368,7 +368,7 @@ def parity_float64(result: dict[str, Any], reduced: bool) -> None:
             table[f"{group}[{k}]"] = {"dtype": str(a.dtype), "max_abs": err, "max_rel": err / scale}
     worst = max(table, key=lambda k: table[k]["max_rel"])
     result.update(
-        batch_size=n,
+        batch_size=len(x),
         torch_device=device,
         jax_device=ours["device"],
         conv_kernels_of_train_step=ours["conv_kernels"],
