@@ -64,6 +64,7 @@ __all__ = [
     "build",
     "nadam",
     "plateau_of",
+    "lr_at",
     "plateau_step",
     "radam",
     "resolve",
@@ -1047,6 +1048,30 @@ def _one_cycle_kwargs(
     return kwargs
 
 
+def _base_lr(spec: OptimizerSpec) -> Any:
+    """The optimizer's own lr: its option, else the factory's default (torch's)."""
+    return spec.options.get("lr", inspect.signature(OPTIMIZERS[spec.name]).parameters["lr"].default)
+
+
+def lr_at(spec: OptimizerSpec, count: int, opt_state: Any = None) -> float:
+    """The learning rate of the update made after ``count`` updates (``count`` = the state's
+    ``step``: the lr the next step uses), as torch's ``optimizer.param_groups[0]["lr"]`` is
+    then: the schedule at ``count``; for ``reduce_lr_on_plateau`` the lr held in
+    ``opt_state``, which this needs then."""
+    if spec.schedule == "reduce_lr_on_plateau":
+        if opt_state is None:
+            raise ValueError("reduce_lr_on_plateau keeps its lr in the optimizer state: pass it.")
+        return plateau_of(opt_state[1]).lr
+    if spec.schedule == "one_cycle_lr":
+        return float(schedules.one_cycle_lr(**spec.schedule_options).lr(count))
+    if spec.schedule is not None:
+        schedule = schedules.SCHEDULES[spec.schedule](
+            _base_lr(spec), **spec.schedule_options, steps_per_epoch=spec.schedule_every
+        )
+        return float(schedule(count))
+    return float(_base_lr(spec))
+
+
 def transform(spec: OptimizerSpec) -> optax.GradientTransformation | PlateauTransformation:
     """The optax transform of a resolved ``spec``: ``OPTIMIZERS[name](**options)``, its lr
     (and for ``one_cycle_lr`` its momentum or beta1) driven by the schedule; for
@@ -1054,7 +1079,7 @@ def transform(spec: OptimizerSpec) -> optax.GradientTransformation | PlateauTran
     factory = OPTIMIZERS[spec.name]
     kwargs = dict(spec.options)
     params = inspect.signature(factory).parameters
-    base_lr = kwargs.get("lr", params["lr"].default)
+    base_lr = _base_lr(spec)
     if spec.schedule == "one_cycle_lr":
         kwargs = _one_cycle_kwargs(spec, kwargs, params)
     elif spec.schedule == "reduce_lr_on_plateau":

@@ -324,6 +324,7 @@ class _Run:
     primary: bool
     data_meta: dict[str, Any]
     steps_per_epoch: int
+    spec: optim.OptimizerSpec
     state: TrainState
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     epoch: int = 1
@@ -438,6 +439,7 @@ def _setup(config: TrainConfig, workdir: Path, mesh: Mesh) -> _Run:
         primary=primary,
         data_meta=data_meta,
         steps_per_epoch=steps_per_epoch,
+        spec=spec,
         # The state's structure, without computing it: a resumed run overwrites every leaf.
         state=jax.eval_shape(lambda: create_train_state(key, net, tx)),
     )
@@ -635,6 +637,9 @@ def _finish_epoch(run: _Run, progress: EpochProgress, probe: Batch | None, bar: 
     # optimizer state that holds it; every other optimizer's state is left as it is.
     opt_state = optim.plateau_step(run.state.tx, run.state.opt_state, record["val_loss"])
     run.state = run.state.replace(opt_state=opt_state)
+    # The lr the next step uses (torch's param_groups[0]["lr"] after scheduler.step()): a
+    # plateau's reduction shows at the epoch that caused it.
+    record["lr"] = optim.lr_at(run.spec, int(run.state.step), opt_state)
     # A non-finite validation loss is never the best (NaN compares False, inf would win).
     finite = math.isfinite(record["val_loss"])
     if finite and (run.best["val_loss"] is None or record["val_loss"] < run.best["val_loss"]):
@@ -697,7 +702,8 @@ def train_and_evaluate(
     prints and writes ``metrics.jsonl`` and ``curves.png``; orbax writes each checkpoint once.
 
     Writes ``metrics.jsonl`` (one record per epoch: ``epoch``, ``step``, ``train_loss``,
-    ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``seconds``), ``curves.png`` and
+    ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``seconds``, ``lr``: the one the next
+    step uses), ``curves.png`` and
     ``checkpoints/`` (``last``: full state every epoch; ``best``: params with the lowest
     validation loss). ``config.resume`` continues the run in ``workdir`` exactly: a run killed
     at any point and resumed ends with the same params, bit for bit (on CPU), as one never
@@ -760,6 +766,8 @@ def _epoch_line(r: Mapping[str, Any]) -> str:
         f"epoch {r['epoch']:>3}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.2%}"
         f" | val loss {r['val_loss']:.4f} acc {r['val_accuracy']:.2%} | {r['seconds']:.1f} s"
     )
+    if "lr" in r:
+        line += f" | next lr {r['lr']:.3g}"
     if "grad_norm_mean" in r:
         line += (
             f" | per-example grad norm mean {r['grad_norm_mean']:.3g} max {r['grad_norm_max']:.3g}"

@@ -427,3 +427,34 @@ def test_plateau_state_round_trips_exactly() -> None:
     plain = optim.build("adam", {"lr": 0.1})
     plain_state = plain.init({"w": jnp.zeros(3)})
     assert optim.plateau_step(plain, plain_state, 1.0) is plain_state
+
+
+@pytest.mark.parametrize(
+    ("schedule", "options"),
+    [
+        (None, {}),
+        ("exponential_lr", {"gamma": 0.7}),
+        ("one_cycle_lr", {"max_lr": 0.1, "total_steps": 9}),
+    ],
+)
+@pytest.mark.parametrize("float64", [False, True])
+def test_lr_at_is_torchs_lr_before_each_step(schedule, options, float64):
+    """``optim.lr_at(spec, count)``: what torch's ``param_groups[0]["lr"]`` is when the update
+    after ``count`` updates is made (an epoch of 3 steps; per-epoch schedules step after it).
+    The schedules compute in JAX's default float: float32 round-off, or float64's with x64."""
+    spec = optim.resolve("sgd", {"lr": 0.05}, schedule, options, steps_per_epoch=3, epochs=3)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.05)
+    if schedule == "one_cycle_lr":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, **options)
+    elif schedule == "exponential_lr":
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, **options)
+    for count in range(9):
+        with jax.enable_x64(float64):
+            lr = optim.lr_at(spec, count)
+        want = opt.param_groups[0]["lr"]
+        # float32: a few roundings of the schedule's arithmetic (4 ulp).
+        assert lr == pytest.approx(want, rel=1e-15 if float64 else 4 * np.finfo(np.float32).eps)
+        opt.step()
+        if schedule is not None and (count + 1) % spec.schedule_every == 0:
+            sched.step()

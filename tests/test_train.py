@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import torch
 from conftest import SMALL, signal_after_step, small
 from flax import serialization
 
@@ -292,6 +293,17 @@ def test_train_with_schedule_resumes_bit_identically(reference_run, tmp_path):
     assert_same_bits(
         serialization.to_state_dict(resumed.state), serialization.to_state_dict(whole.state)
     )
+    # Each epoch's "lr" is the one the next step uses: torch's after scheduler.step().
+    net = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=SMALL.lr, momentum=0.9)
+    step_lr = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    torch_lrs = []
+    for _ in whole.history:
+        opt.step()
+        step_lr.step()
+        torch_lrs.append(opt.param_groups[0]["lr"])
+    assert [r["lr"] for r in whole.history] == pytest.approx(torch_lrs, rel=1e-6)
+    assert [r["lr"] for r in resumed.history] == [r["lr"] for r in whole.history]
     _, plain = reference_run  # the same run without the schedule
     assert SMALL == small(epochs=2) and SMALL.schedule is None
     assert not np.array_equal(
@@ -317,3 +329,5 @@ def test_reduce_lr_on_plateau_steps_on_val_loss_and_resumes(tmp_path):
     assert resumed.status == "finished" and len(resumed.history) == 2
     plateau = optim.plateau_of(resumed.state.opt_state[1])
     assert plateau == (SMALL.lr * 0.5, first.history[0]["val_loss"], 2, 0, 0)
+    # The reduction shows at the epoch that caused it (the lr the next step uses).
+    assert [r["lr"] for r in resumed.history] == [SMALL.lr, SMALL.lr * 0.5]
