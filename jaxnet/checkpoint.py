@@ -430,14 +430,18 @@ class Checkpoints:
                 for other in self._managers.values():
                     if other is not manager:
                         other.wait_until_finished()
-            if step in manager.all_steps():
-                # A resumed run re-saving what an interrupted one already wrote (same bits).
-                manager.delete(step)
             # Saved in the background (orbax copies the arrays first); the caller keeps
             # changing its history, so the meta is frozen into a copy now.
             frozen = json.loads(
                 json.dumps({"format": FORMAT, **meta, "checksums": checksums(tree)})
             )
+            if step in manager.all_steps():
+                # A resumed run re-saving the step an interrupted one already wrote. The same
+                # arrays (the same step: the same position in the run) are kept as they are:
+                # deleting them first would lose the only copy if the new write failed.
+                if self._saved_checksums(name, step) == frozen["checksums"]:
+                    return
+                manager.delete(step)
             manager.save(
                 step,
                 args=ocp.args.Composite(
@@ -449,6 +453,14 @@ class Checkpoints:
                 raise
             self._settle()
             raise self.write_error(self.directory / name, e) from e
+
+    def _saved_checksums(self, name: str, step: int) -> dict[str, str] | None:
+        """The checksums in the meta of ``name/step`` on disk, or None if it has none or
+        cannot be read (it is then replaced)."""
+        try:
+            return self._meta(name, step).get("checksums")
+        except (CheckpointError, _Unreadable):
+            return None
 
     def _settle(self) -> None:
         """Let the other saves in flight end (their own errors are not this one's), so that

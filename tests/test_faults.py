@@ -205,6 +205,40 @@ def test_full_disk_at_a_save_keeps_the_last_good_checkpoint(
     ]
 
 
+def test_re_saving_a_step_on_disk_keeps_the_same_arrays_and_replaces_others(
+    copy_of_reference: Path, monkeypatch
+):
+    """A resumed run re-saving the step an interrupted one wrote: the same arrays stay as they
+    are on disk, so a failing write (ENOSPC here) cannot lose the only copy; other arrays at
+    that step replace it."""
+    import jax
+
+    import jaxnet
+    from jaxnet.model import abstract_params
+    from jaxnet.workdir import checkpoints_of
+
+    target = abstract_params(jaxnet.Net())
+    with checkpoints_of(copy_of_reference) as ckpts:
+        params, meta = ckpts.restore_params(target, "best")
+        step = ckpts.steps("best")[-1]
+    before = snapshot(copy_of_reference)
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(ocp.CheckpointManager, "save", no_space)
+        with checkpoints_of(copy_of_reference) as ckpts:
+            ckpts.save_best(step, params, meta)
+    assert snapshot(copy_of_reference) == before
+    changed = jax.tree.map(lambda a: a + 1, params)
+    with checkpoints_of(copy_of_reference) as ckpts:
+        ckpts.save_best(step, changed, meta)
+    with checkpoints_of(copy_of_reference, read_only=True) as ckpts:
+        again, _ = ckpts.restore_params(target, "best")
+    jax.tree.map(np.testing.assert_array_equal, again, changed)
+
+
 @in_background("enospc_in_background")
 def _enospc_in_background(out: Path) -> tuple[int, str, Path]:
     """``jaxnet train`` whose orbax thread fails with ENOSPC at the third checkpoint (of 2-step
