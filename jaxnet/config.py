@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from jaxnet import data
+from jaxnet import data, optim
 from jaxnet.errors import ConfigError
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "check_train_config",
     "config_from_json",
     "config_to_json",
+    "optimizer_spec",
 ]
 
 
@@ -108,4 +109,18 @@ def load_dataset(config: TrainConfig) -> data.Dataset:
         config.val_fraction,
         config.split_seed,
         config.limit,
+    )
+
+
+def optimizer_spec(config: TrainConfig, num_train: int) -> optim.OptimizerSpec:
+    """The optimizer spec a training run of ``config`` uses with ``num_train`` training
+    examples (the schedule's steps per epoch come from them): what ``jaxnet train`` builds
+    its optax transform from, and what a torch checkpoint's optimizer state is read with."""
+    return optim.resolve(
+        config.optimizer,
+        {"lr": config.lr, **(config.optimizer_kwargs or {})},
+        config.schedule,
+        config.schedule_kwargs,
+        steps_per_epoch=data.num_batches(num_train, config.batch_size),
+        epochs=config.epochs,
     )

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import serialization
 
 from jaxnet import data, optim
-from jaxnet.config import TrainConfig, config_from_json
+from jaxnet.config import TrainConfig, config_from_json, optimizer_spec
 from jaxnet.convert import WeightFileError, params_to_torch
 from jaxnet.errors import ConfigError
 from jaxnet.io import atomic_write
@@ -38,7 +38,6 @@ __all__ = [
     "TORCH_OPTIMIZER_FILE",
     "keep_optimizer_state",
     "opt_state_of_checkpoint",
-    "optimizer_spec",
     "read_last_state",
     "resumed_state",
     "save_torch_checkpoint",
@@ -56,19 +55,6 @@ def _torch() -> Any:
     except ImportError as e:  # pragma: no cover - torch is a dev dependency
         raise ConfigError("PyTorch checkpoints need PyTorch: pip install torch==2.13.0.") from e
     return torch
-
-
-def optimizer_spec(config: TrainConfig, num_train: int) -> optim.OptimizerSpec:
-    """The optimizer spec ``jaxnet train`` resolves for ``config`` with ``num_train`` training
-    examples (the schedule's steps per epoch come from it)."""
-    return optim.resolve(
-        config.optimizer,
-        {"lr": config.lr, **(config.optimizer_kwargs or {})},
-        config.schedule,
-        config.schedule_kwargs,
-        steps_per_epoch=data.num_batches(num_train, config.batch_size),
-        epochs=config.epochs,
-    )
 
 
 def read_last_state(

@@ -29,7 +29,13 @@ from rich.console import Console
 
 from jaxnet import data, losses, optim, parallel, report
 from jaxnet.checkpoint import CheckpointError, Checkpoints
-from jaxnet.config import TrainConfig, check_train_config, config_to_json, load_dataset
+from jaxnet.config import (
+    TrainConfig,
+    check_train_config,
+    config_to_json,
+    load_dataset,
+    optimizer_spec,
+)
 from jaxnet.criteria import Criterion, criterion
 from jaxnet.errors import EXIT_RUN_FAILED, ConfigError, JaxnetError
 from jaxnet.model import Net, abstract_params, init_params
@@ -404,14 +410,7 @@ def _setup(config: TrainConfig, workdir: Path, mesh: Mesh) -> _Run:
     ds = load_dataset(config)
     steps_per_epoch = data.num_batches(len(ds.x_train), config.batch_size)
     net = _net(ds.num_classes, config.weight_init)
-    spec = optim.resolve(
-        config.optimizer,
-        {"lr": config.lr, **(config.optimizer_kwargs or {})},
-        config.schedule,
-        config.schedule_kwargs,
-        steps_per_epoch=steps_per_epoch,
-        epochs=config.epochs,
-    )
+    spec = optimizer_spec(config, len(ds.x_train))
     tx = _transform(json.dumps(dataclasses.asdict(spec), sort_keys=True, default=repr))
     sharded = mesh.devices.size > 1
     console.print(

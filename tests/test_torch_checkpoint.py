@@ -81,9 +81,9 @@ def test_import_keeps_and_train_resumes_optimizer_state(params0, tmp_path) -> No
     torch optimizer's state and step; other settings than the torch run's are refused."""
     from conftest import NET
 
-    from jaxnet.config import TrainConfig
+    from jaxnet.config import TrainConfig, optimizer_spec
     from jaxnet.step import create_train_state
-    from jaxnet.torch_checkpoint import keep_optimizer_state, optimizer_spec, resumed_state
+    from jaxnet.torch_checkpoint import keep_optimizer_state, resumed_state
 
     ps = [torch.nn.Parameter(t) for t in params_to_torch(params0).values()]
     opt = torch.optim.Adam(ps, lr=1e-3)
