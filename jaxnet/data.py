@@ -48,6 +48,9 @@ __all__ = [
     "DataError",
     "Dataset",
     "batches",
+    "check_images",
+    "check_label_array",
+    "digit_classes",
     "epoch_permutation",
     "load_data",
     "load_digits_data",
@@ -55,6 +58,7 @@ __all__ = [
     "load_npz",
     "num_batches",
     "read_idx",
+    "read_mnist_pair",
 ]
 
 PathLike = str | os.PathLike
@@ -100,7 +104,7 @@ class Dataset:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_images(x: np.ndarray, where: str) -> np.ndarray:
+def check_images(x: np.ndarray, where: str) -> np.ndarray:
     """Raw images of any accepted layout -> float32 NHWC, refusing empty, non-numeric or NaN."""
     if x.dtype == object or not (
         np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
@@ -126,7 +130,9 @@ def _check_images(x: np.ndarray, where: str) -> np.ndarray:
     return nhwc
 
 
-def _check_labels(y: np.ndarray, n: int, num_classes: int, where: str) -> np.ndarray:
+def check_label_array(y: np.ndarray, n: int, num_classes: int, where: str) -> np.ndarray:
+    """A data set's labels as int32 ``(n,)`` class indices in ``[0, num_classes)``, or a
+    ``DataError`` naming ``where`` and what is wrong (shape, dtype, range)."""
     y = np.asarray(y)
     if y.ndim != 1:
         raise DataError(f"{where}: labels y must be a vector (N,), got shape {y.shape}.")
@@ -146,7 +152,9 @@ def _check_labels(y: np.ndarray, n: int, num_classes: int, where: str) -> np.nda
     return y.astype(np.int32)
 
 
-def _digit_classes(digits: np.ndarray, num_classes: int, label_rule: str, where: str) -> np.ndarray:
+def digit_classes(digits: np.ndarray, num_classes: int, label_rule: str, where: str) -> np.ndarray:
+    """Digits 0-9 ``(N,)`` -> int32 class indices: the digit for 10 classes, ``label_rule``
+    (a key of ``LABEL_RULES``) for 2; ``DataError`` naming ``where`` otherwise."""
     if num_classes == 10:
         return digits.astype(np.int32)
     if num_classes != 2:
@@ -254,7 +262,7 @@ def load_digits_data(
 
     digits = load_digits()
     x = upsample_digits(digits.images)
-    y = _digit_classes(np.asarray(digits.target), num_classes, label_rule, "digits")
+    y = digit_classes(np.asarray(digits.target), num_classes, label_rule, "digits")
     split = _split(x, y, val_fraction, split_seed, "digits")
     desc = (
         f"scikit-learn digits ({len(x)} images, 8x8 upsampled bilinearly to 32x32), "
@@ -301,13 +309,13 @@ def load_npz(
             f"{p} lacks the array(s) {missing}; found {sorted(arrays) or 'no arrays'}. Save the "
             "images as x and the labels as y: np.savez(path, x=images, y=labels)."
         )
-    x = _check_images(arrays["x"], f"{p} x")
-    y = _check_labels(arrays["y"], len(x), num_classes, f"{p} y")
+    x = check_images(arrays["x"], f"{p} x")
+    y = check_label_array(arrays["y"], len(x), num_classes, f"{p} y")
     if ("x_val" in arrays) != ("y_val" in arrays):
         raise DataError(f"{p} has only one of x_val and y_val; give both or neither.")
     if "x_val" in arrays:
-        x_val = _check_images(arrays["x_val"], f"{p} x_val")
-        y_val = _check_labels(arrays["y_val"], len(x_val), num_classes, f"{p} y_val")
+        x_val = check_images(arrays["x_val"], f"{p} x_val")
+        y_val = check_label_array(arrays["y_val"], len(x_val), num_classes, f"{p} y_val")
         split = (x, y, x_val, y_val)
         held = "x_val/y_val for validation"
     else:
@@ -367,7 +375,11 @@ def _find_idx(folder: Path, prefix: str, kind: str) -> Path | None:
     return None
 
 
-def _read_mnist_pair(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray] | None:
+def read_mnist_pair(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(images (N, 32, 32, 1) float32 in [0, 1], digits (N,))`` of the MNIST IDX pair
+    ``{prefix}-images-idx3-ubyte[.gz]`` / ``{prefix}-labels-idx1-ubyte[.gz]`` in ``folder``
+    (28x28 padded to 32x32), None if neither file is there; ``DataError`` for one alone or a
+    malformed pair."""
     images = _find_idx(folder, prefix, "images-idx3-ubyte")
     labels = _find_idx(folder, prefix, "labels-idx1-ubyte")
     if images is None and labels is None:
@@ -383,13 +395,13 @@ def _read_mnist_pair(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]
     if x.dtype != np.uint8:
         raise DataError(f"{images}: MNIST images must be uint8, got {x.dtype}.")
     x = np.pad(x, ((0, 0), (2, 2), (2, 2)))  # 28x28 -> 32x32, zero (background) border
-    x = _check_images(x, str(images))
+    x = check_images(x, str(images))
     digits = read_idx(labels)
     if digits.ndim != 1 or len(digits) != len(x):
         raise DataError(
             f"{labels}: expected {len(x)} labels (one per image), got shape {digits.shape}."
         )
-    return x, _check_labels(digits, len(x), 10, str(labels))
+    return x, check_label_array(digits, len(x), 10, str(labels))
 
 
 def load_mnist_idx(
@@ -402,17 +414,17 @@ def load_mnist_idx(
 ) -> Dataset:
     """MNIST-format IDX files from ``folder`` (see module doc)."""
     root = Path(folder)
-    train = _read_mnist_pair(root, "train")
+    train = read_mnist_pair(root, "train")
     if train is None:
         raise DataError(
             f"{root} holds no MNIST files; expected train-images-idx3-ubyte[.gz] and "
             "train-labels-idx1-ubyte[.gz] (and optionally the t10k-* pair for validation)."
         )
-    test = _read_mnist_pair(root, "t10k")
+    test = read_mnist_pair(root, "t10k")
     x, digits = train
-    y = _digit_classes(digits, num_classes, label_rule, str(root))
+    y = digit_classes(digits, num_classes, label_rule, str(root))
     if test is not None:
-        split = (x, y, test[0], _digit_classes(test[1], num_classes, label_rule, str(root)))
+        split = (x, y, test[0], digit_classes(test[1], num_classes, label_rule, str(root)))
         held = "t10k files for validation"
     else:
         split = _split(x, y, val_fraction, split_seed, str(root))

@@ -64,6 +64,7 @@ __all__ = [
     "build",
     "nadam",
     "plateau_of",
+    "plateau_state",
     "lr_at",
     "plateau_step",
     "radam",
@@ -971,7 +972,9 @@ def _f64_bits(x: float) -> np.ndarray:
     return np.array([x], np.float64).view(np.uint32)
 
 
-def _plateau_state(plateau: schedules.Plateau, dtype: Any) -> PlateauLrState:
+def plateau_state(plateau: schedules.Plateau, dtype: Any) -> PlateauLrState:
+    """The ``PlateauLrState`` holding ``plateau`` exactly (its float64 values also as bits),
+    its lr in ``dtype``: the inverse of ``plateau_of``."""
     return PlateauLrState(
         lr=jnp.asarray(plateau.lr, dtype),
         lr_bits=jnp.asarray(_f64_bits(plateau.lr)),
@@ -1003,7 +1006,7 @@ def with_plateau_lr(
 
     def init_fn(params: Any) -> tuple[Any, PlateauLrState]:
         dtype = optax.tree.dtype(params, "highest")
-        return inner.init(params), _plateau_state(rule.init(lr), dtype)
+        return inner.init(params), plateau_state(rule.init(lr), dtype)
 
     def update_fn(updates: Any, state: tuple[Any, PlateauLrState], params: Any = None):
         updates, inner_state = inner.update(updates, state[0], params)
@@ -1020,7 +1023,7 @@ def plateau_step(tx: Any, opt_state: Any, metric: float) -> Any:
     if not isinstance(tx, PlateauTransformation):
         return opt_state
     inner_state, old = opt_state
-    new = _plateau_state(tx.rule.step(plateau_of(old), metric), old.lr.dtype)
+    new = plateau_state(tx.rule.step(plateau_of(old), metric), old.lr.dtype)
     placed = jax.tree.map(
         lambda n, o: jax.device_put(n, o.sharding) if isinstance(o, jax.Array) else n, new, old
     )

@@ -379,7 +379,7 @@ def _plateau_from_torch(
         num_bad_epochs=int(sched_state["num_bad_epochs"]),
         cooldown_counter=int(sched_state["cooldown_counter"]),
     )
-    return optim._plateau_state(plateau, dtype)  # optim's one encoding of the plateau state
+    return optim.plateau_state(plateau, dtype)  # optim's one encoding of the plateau state
 
 
 # ---------------------------------------------------------------------------------------------

@@ -247,19 +247,19 @@ def _npz(path: Path) -> Images:
         ) from None
     if "x" not in arrays:
         raise ConfigError(f"{path} has no array x (found {sorted(arrays)}); save the images as x.")
-    x = data._check_images(arrays["x"], f"{path} x")  # as training reads them: uint8 / 255
+    x = data.check_images(arrays["x"], f"{path} x")  # as training reads them: uint8 / 255
     y = arrays.get("y")
     names = [str(i) for i in range(len(x))]
     return Images(x, names, None if y is None else np.asarray(y), f"{path} ({len(x)} images)")
 
 
 def _idx(folder: Path, info: ModelInfo) -> Images:
-    pair = data._read_mnist_pair(folder, "t10k") or data._read_mnist_pair(folder, "train")
+    pair = data.read_mnist_pair(folder, "t10k") or data.read_mnist_pair(folder, "train")
     if pair is None:
         raise ConfigError(f"{folder} holds no MNIST IDX files and no PNG/JPEG images.")
     x, digits = pair
     rule = info.label_rule if info.label_rule in data.LABEL_RULES else "parity"
-    y = data._digit_classes(digits, info.num_classes, rule, str(folder))
+    y = data.digit_classes(digits, info.num_classes, rule, str(folder))
     names = [str(i) for i in range(len(x))]
     return Images(x, names, y, f"MNIST IDX {folder} ({len(x)} images)")
 
@@ -300,7 +300,7 @@ def predict_images(model: Model, images: Images) -> PredictResult:
     probabilities = np.concatenate([p.probabilities for p in parts])
     accuracy = confusion = None
     if images.labels is not None:
-        y = data._check_labels(images.labels, len(x), model.info.num_classes, "labels y")
+        y = data.check_label_array(images.labels, len(x), model.info.num_classes, "labels y")
         accuracy = float(np.mean(classes == y))
         confusion = confusion_matrix(y, classes, model.info.num_classes)
     return PredictResult(images, classes, probabilities, accuracy, confusion)
