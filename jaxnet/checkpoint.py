@@ -95,15 +95,25 @@ def _orbax() -> Any:
     return ocp
 
 
+# orbax's message for an array read that did not finish (orbax/checkpoint serialization.py).
+_ABANDONED_READ = "Encountered error while reading array index"
+
+
 def _late_callback(value: BaseException, tb: Any) -> bool:
-    """Whether an error is a tensorstore write that ended after orbax closed the asyncio loop
-    awaiting it: after a failed save (a full disk), the writes still in flight fail too, and
-    their completion callbacks find the loop closed. The save's own error is raised by jaxnet;
-    these are its echoes."""
-    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-        return False
-    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(tb)]
-    return "call_soon_threadsafe" in frames
+    """Whether an error is an echo of a failure jaxnet reports itself, printed late through
+    ``sys.excepthook``/``sys.unraisablehook``. Two kinds:
+
+    * a tensorstore write that ended after orbax closed the asyncio loop awaiting it: after a
+      failed save (a full disk), the writes still in flight fail too, and their completion
+      callbacks find the loop closed;
+    * an array read of a restore that failed (a live run replaced the step a reader was
+      reading): orbax closes the restore's other reads unfinished (``GeneratorExit``) and each
+      raises as its coroutine is collected. jaxnet reads the newer step, or reports the error.
+    """
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        frames = [f.f_code.co_name for f, _ in traceback.walk_tb(tb)]
+        return "call_soon_threadsafe" in frames
+    return str(value).startswith(_ABANDONED_READ) and isinstance(value.__cause__, GeneratorExit)
 
 
 def _quiet_late_callbacks() -> None:
@@ -242,8 +252,7 @@ class Checkpoints:
     def _manager(self, name: str) -> Any:
         if name not in self._managers:
             ocp = _orbax()
-            if not self.read_only:
-                _quiet_late_callbacks()
+            _quiet_late_callbacks()
             self._managers[name] = ocp.CheckpointManager(
                 self.directory / name, options=self._options()
             )

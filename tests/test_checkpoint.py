@@ -17,8 +17,8 @@ from jaxnet.checkpoint import checksums
 def test_late_tensorstore_callbacks_are_kept_off_the_terminal(monkeypatch):
     """After a failed save, tensorstore writes still in flight end on an asyncio loop orbax
     has closed, and tensorstore prints each "Event loop is closed" through sys.excepthook or
-    sys.unraisablehook:
-    those are dropped; every other error still reaches the hook."""
+    sys.unraisablehook; so do a failed restore's abandoned reads. Those are dropped; every other
+    error still reaches the hook."""
     seen, unraisable = [], []
     monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append(value))
     monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_value))
@@ -30,10 +30,17 @@ def test_late_tensorstore_callbacks_are_kept_off_the_terminal(monkeypatch):
     except RuntimeError as e:
         late = e
     other = RuntimeError("Event loop is closed")  # not from a callback: reported
-    for value, tb in [(late, late.__traceback__), (other, None)]:
-        sys.excepthook(RuntimeError, value, tb)
+    # A reader's restore that failed (the step was replaced): orbax's other array reads are
+    # closed unfinished and raise as they are collected; a read that failed on its own is
+    # reported.
+    abandoned = Exception(f"{checkpoint._ABANDONED_READ}: (slice(0, 6, 1),). See ...")
+    abandoned.__cause__ = GeneratorExit()
+    failed = Exception(f"{checkpoint._ABANDONED_READ}: (slice(0, 6, 1),). See ...")
+    failed.__cause__ = OSError("corrupt")
+    for value, tb in [(late, late.__traceback__), (other, None), (abandoned, None), (failed, None)]:
+        sys.excepthook(type(value), value, tb)
         sys.unraisablehook(types.SimpleNamespace(exc_value=value, exc_traceback=tb))
-    assert seen == [other] and unraisable == [other]
+    assert seen == [other, failed] and unraisable == [other, failed]
 
 
 def test_checksums_see_every_byte_dtype_and_shape():
