@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +26,12 @@ from jaxnet import optim
 from jaxnet.model import abstract_params
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--windows", type=int, default=30)
-    args = p.parse_args()
+def readme_state(batch_size: int, seed: int = 0) -> tuple[jaxnet.TrainState, tuple[Any, Any]]:
+    """The README's usage at ``batch_size``: ``TrainState.create`` of ``Net`` with
+    ``optim.sgd(0.01, momentum=0.9)``, and one batch (images NHWC float32, int32 labels).
+    The params are drawn with NumPy: compiling Net's init is not what is measured."""
     net = jaxnet.Net()
-    rng = np.random.default_rng(0)
-    # Params drawn with NumPy: compiling Net's init is not what is measured.
+    rng = np.random.default_rng(seed)
     params = jax.tree.map(
         lambda s: jnp.asarray(rng.uniform(-0.01, 0.01, s.shape).astype(s.dtype)),
         abstract_params(net),
@@ -40,11 +39,19 @@ def main() -> None:
     state = jaxnet.TrainState.create(
         apply_fn=net.apply, params=params, tx=optim.sgd(0.01, momentum=0.9)
     )
-    n = args.batch_size
     batch = (
-        jnp.asarray(rng.standard_normal((n, 32, 32, 1), dtype=np.float32)),
-        jnp.asarray(rng.integers(0, 2, n), jnp.int32),
+        jnp.asarray(rng.standard_normal((batch_size, 32, 32, 1), dtype=np.float32)),
+        jnp.asarray(rng.integers(0, 2, batch_size), jnp.int32),
     )
+    return state, batch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--windows", type=int, default=30)
+    args = p.parse_args()
+    state, batch = readme_state(args.batch_size)
     rows = []
     for _ in range(args.windows):
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import pytest
@@ -19,25 +20,16 @@ from jaxnet.host import _USER_ENV, tune_malloc
 # nothing else called: minor page faults per step, then again after host.restore_malloc().
 # Each non-donated step returns new params and momentum (51 MB): with glibc's own thresholds
 # those pages are handed back to the OS and faulted in again on every step (~12,500 pages).
+PAGE_FAULTS = Path(__file__).resolve().parents[1] / "scripts" / "page_faults.py"
 _SCRIPT = textwrap.dedent(
     """
-    import json, resource
-    import jax, jax.numpy as jnp, numpy as np
-    import jaxnet
-    from jaxnet import host, optim
-    from jaxnet.model import abstract_params
-    net = jaxnet.Net()
-    rng = np.random.default_rng(0)
-    # Params drawn with NumPy: compiling Net's init would cost more than the steps measured.
-    params = jax.tree.map(
-        lambda s: jnp.asarray(rng.uniform(-0.01, 0.01, s.shape).astype(s.dtype)),
-        abstract_params(net),
-    )
-    state = jaxnet.TrainState.create(
-        apply_fn=net.apply, params=params, tx=optim.sgd(0.01, momentum=0.9)
-    )
-    batch = (jnp.asarray(rng.standard_normal((1, 32, 32, 1), dtype=np.float32)),
-             jnp.asarray([1], jnp.int32))
+    import importlib.util, json, resource, sys
+    import jax, jaxnet
+    from jaxnet import host
+    spec = importlib.util.spec_from_file_location("page_faults", sys.argv[1])
+    page_faults = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page_faults)
+    state, batch = page_faults.readme_state(1)
     def faults_per_step():
         # The fewest of 4 windows of 5 steps, after 10. Each step is waited for: a dispatch
         # that runs ahead (further on a loaded machine) keeps several steps' buffers alive
@@ -76,7 +68,11 @@ def test_the_default_path_has_no_per_step_page_faults_and_restore_undoes_it():
     runs = []
     for _ in range(3):
         done = subprocess.run(
-            [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, check=True, env=env
+            [sys.executable, "-c", _SCRIPT, str(PAGE_FAULTS)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
         )
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         if runs[-1]["default"] < 500:
