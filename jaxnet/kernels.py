@@ -29,12 +29,16 @@ def _conv3x3_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
 _CPU_FEATURE_MULTIPLE = 8
 
 
+def _pad_in_channels(kernel: jax.Array) -> jax.Array:
+    # A (3, 3, C, O) kernel with zero rows up to C a multiple of _CPU_FEATURE_MULTIPLE.
+    pad = -kernel.shape[2] % _CPU_FEATURE_MULTIPLE
+    return jnp.pad(kernel, ((0, 0), (0, 0), (0, pad), (0, 0)))
+
+
 def _conv3x3_padded(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    pad = -x.shape[-1] % _CPU_FEATURE_MULTIPLE
-    if pad == 0:
-        return _conv3x3_xla(x, kernel)
-    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad)))
-    return _conv3x3_xla(x, jnp.pad(kernel, ((0, 0), (0, 0), (0, pad), (0, 0))))
+    padded = _pad_in_channels(kernel)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padded.shape[2] - x.shape[-1])))
+    return _conv3x3_xla(x, padded)
 
 
 def _conv3x3_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -150,12 +154,7 @@ def _conv3x3_dinput_padded(g: jax.Array, kernel: jax.Array) -> jax.Array:
     # The transposed convolution with its output features (the input's channels, 6 for conv2)
     # zero-padded up to a multiple of 8 and sliced off after: XLA:CPU's Eigen convolution runs
     # it 1.4-2.5x faster than with 6 (docs/performance.md).
-    c = kernel.shape[2]
-    pad = -c % _CPU_FEATURE_MULTIPLE
-    k = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    k = jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, pad)))
-    dx = jax.lax.conv_general_dilated(g, k, (1, 1), ((2, 2), (2, 2)), dimension_numbers=_CONV_DIMS)
-    return dx[..., :c] if pad else dx
+    return _conv3x3_dinput_conv(g, _pad_in_channels(kernel))[..., : kernel.shape[2]]
 
 
 def _conv3x3_dinput(g: jax.Array, kernel: jax.Array) -> jax.Array:
