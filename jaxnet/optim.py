@@ -1056,6 +1056,18 @@ def _base_lr(spec: OptimizerSpec) -> Any:
     return spec.options.get("lr", inspect.signature(OPTIMIZERS[spec.name]).parameters["lr"].default)
 
 
+def _lr_schedule(spec: OptimizerSpec) -> ScalarOrSchedule:
+    """The lr of a spec whose schedule is not ``reduce_lr_on_plateau``: its schedule (a
+    function of the update count, as optax takes it), or the constant lr."""
+    if spec.schedule == "one_cycle_lr":
+        return schedules.one_cycle_lr(**spec.schedule_options).lr
+    if spec.schedule is not None:
+        return schedules.SCHEDULES[spec.schedule](
+            _base_lr(spec), **spec.schedule_options, steps_per_epoch=spec.schedule_every
+        )
+    return _base_lr(spec)
+
+
 def lr_at(spec: OptimizerSpec, count: int, opt_state: Any = None) -> float:
     """The learning rate of the update made after ``count`` updates (``count`` = the state's
     ``step``: the lr the next step uses), as torch's ``optimizer.param_groups[0]["lr"]`` is
@@ -1065,14 +1077,8 @@ def lr_at(spec: OptimizerSpec, count: int, opt_state: Any = None) -> float:
         if opt_state is None:
             raise ValueError("reduce_lr_on_plateau keeps its lr in the optimizer state: pass it.")
         return plateau_of(opt_state[1]).lr
-    if spec.schedule == "one_cycle_lr":
-        return float(schedules.one_cycle_lr(**spec.schedule_options).lr(count))
-    if spec.schedule is not None:
-        schedule = schedules.SCHEDULES[spec.schedule](
-            _base_lr(spec), **spec.schedule_options, steps_per_epoch=spec.schedule_every
-        )
-        return float(schedule(count))
-    return float(_base_lr(spec))
+    lr = _lr_schedule(spec)
+    return float(lr(count) if callable(lr) else lr)
 
 
 def transform(spec: OptimizerSpec) -> optax.GradientTransformation | PlateauTransformation:
@@ -1090,9 +1096,7 @@ def transform(spec: OptimizerSpec) -> optax.GradientTransformation | PlateauTran
         rule = schedules.reduce_lr_on_plateau(base_lr, **spec.schedule_options)
         return with_plateau_lr(factory(**{**kwargs, "lr": 1.0}), rule, base_lr)
     elif spec.schedule is not None:
-        kwargs["lr"] = schedules.SCHEDULES[spec.schedule](
-            base_lr, **spec.schedule_options, steps_per_epoch=spec.schedule_every
-        )
+        kwargs["lr"] = _lr_schedule(spec)
     return factory(**kwargs)
 
 
