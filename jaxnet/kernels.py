@@ -1,9 +1,14 @@
-"""The 3x3 convolution + ReLU of ``Net``'s conv layers, with a hand-written backward pass.
+"""The compute forms of ``Net``'s layers that XLA:CPU runs faster than the plain op.
 
-The forward pass is XLA's convolution (or, for one input channel, a fused sum of shifted
-slices); the backward pass picks, per platform, the forms XLA:CPU runs fastest and plain
-convolutions elsewhere. Why each form exists, and what it was measured against, is in
-``docs/performance.md``.
+* ``conv3x3_relu``: the 3x3 convolution + ReLU of the conv layers, with a hand-written
+  backward pass. The forward pass is XLA's convolution (or, for one input channel, a fused sum
+  of shifted slices); the backward pass picks, per platform, the forms XLA:CPU runs fastest
+  and plain convolutions elsewhere.
+* ``dense_dot_general``: the ``dot_general`` of the fully connected layers (``nn.Dense``'s
+  ``dot_general`` hook): for a few rows against a long kernel (fc1 at small batches) the CPU
+  computes it as a batch of shorter products.
+
+Why each form exists, and what it was measured against, is in ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["conv3x3_relu"]
+__all__ = ["conv3x3_relu", "dense_dot_general"]
 
 _CONV_DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -198,3 +203,90 @@ def _conv3x3_relu_bwd(shifted, res, dy):
 
 
 conv3x3_relu.defvjp(_conv3x3_relu_fwd, _conv3x3_relu_bwd)
+
+
+# XLA:CPU runs a product of a few rows with a long (K, N) kernel (fc1: K = 12544) as one
+# matrix-vector style product that streams the kernel at a fraction of memory speed; cut into
+# K / L products of length L, batched, and summed, it runs 1.2-1.8x faster at 1 to 32 rows
+# (docs/performance.md). Longer row counts are left to the plain product, which wins there.
+_CHUNKED_MAX_ROWS = 32
+_CHUNKED_MIN_DEPTH = 4096
+
+
+def _chunk_length(rows: int, depth: int) -> int | None:
+    # The measured best: L = 256 for one row, 128 for 2 to 32; None where the form is not used.
+    if rows > _CHUNKED_MAX_ROWS or depth < _CHUNKED_MIN_DEPTH:
+        return None
+    length = 256 if rows == 1 else 128
+    return length if depth % length == 0 else None
+
+
+def _matmul_chunked(x: jax.Array, w: jax.Array, precision: Any, preferred: Any) -> jax.Array:
+    rows, depth = x.shape
+    length = _chunk_length(rows, depth)
+    chunks = depth // length
+    parts = jnp.einsum(
+        "bck,ckn->cbn",
+        x.reshape(rows, chunks, length),
+        w.reshape(chunks, length, w.shape[1]),
+        precision=precision,
+        preferred_element_type=preferred,
+    )
+    return jnp.sum(parts, axis=0)
+
+
+def _matmul_plain(x: jax.Array, w: jax.Array, precision: Any, preferred: Any) -> jax.Array:
+    return jax.lax.dot_general(
+        x, w, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=preferred
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul_few_rows(x: jax.Array, w: jax.Array, precision: Any, preferred: Any) -> jax.Array:
+    # Lowered for the platform the step runs on; elsewhere the plain product (cuBLAS on GPU).
+    return jax.lax.platform_dependent(
+        x,
+        w,
+        cpu=functools.partial(_matmul_chunked, precision=precision, preferred=preferred),
+        default=functools.partial(_matmul_plain, precision=precision, preferred=preferred),
+    )
+
+
+def _matmul_few_rows_fwd(x, w, precision, preferred):
+    # Differentiated (a training step), the plain product: there XLA:CPU does not hand the
+    # batched form to the fast kernel it uses in inference, and the plain one ran as fast or
+    # faster (docs/performance.md).
+    return _matmul_plain(x, w, precision, preferred), (x, w)
+
+
+def _matmul_few_rows_bwd(precision, preferred, res, g):
+    # The plain product's own transposes (what autodiff of x @ w gives).
+    x, w = res
+    g = g.astype(jnp.result_type(x, w))
+    dx = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), precision=precision)
+    dw = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())), precision=precision)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul_few_rows.defvjp(_matmul_few_rows_fwd, _matmul_few_rows_bwd)
+
+
+def dense_dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers: Any,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """``jax.lax.dot_general`` for ``nn.Dense(..., dot_general=dense_dot_general)``.
+
+    The same product, ``(rows, K) x (K, N) -> (rows, N)``, up to float32 round-off. Evaluated
+    (not differentiated) with at most 32 rows against a kernel with ``K >= 4096`` (fc1's
+    inference at small batches), the CPU sums ``K / L`` products of length ``L`` instead,
+    batched (faster there, see ``docs/performance.md``). Differentiated, every other call, and
+    on every other platform, it is ``lax.dot_general`` itself.
+    """
+    plain = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))
+    if plain and lhs.ndim == 2 and rhs.ndim == 2 and _chunk_length(*lhs.shape) is not None:
+        return _matmul_few_rows(lhs, rhs, precision, preferred_element_type)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)

@@ -194,3 +194,63 @@ def test_the_kernel_forms_benchmark_runs_and_its_forms_agree():
         assert len(forms) >= 3 and all(v["ms"] > 0 for v in forms.values())
         for v in forms.values():
             assert v.get("max_abs_diff", 0.0) < 1e-4, forms
+
+
+def _compiled_dots(fn, *args) -> list[str]:
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return [line for line in text.splitlines() if " dot(" in line]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 32, 33])
+def test_dense_dot_general_equals_dot_general_and_its_gradients(rows):
+    # fc1's shape. At most 32 rows the CPU evaluates a batch of shorter products, summed:
+    # float32 round-off of a different summation order (numpy's float64 product bounds it).
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.standard_normal((rows, 12544), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((12544, 512), dtype=np.float32) * 0.01)
+    dims = (((1,), (0,)), ((), ()))
+    got = jax.jit(lambda x, w: kernels.dense_dot_general(x, w, dims))(x, w)
+    want = jax.lax.dot_general(x, w, dims)
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    bound = 4 * np.abs(np.asarray(want, np.float64) - exact).max() + 1e-6
+    assert np.abs(np.asarray(got, np.float64) - exact).max() <= bound
+    # Differentiated, it is the plain product's forward and backward: the same bits.
+    dy = jnp.asarray(rng.standard_normal((rows, 512), dtype=np.float32))
+
+    def vjp(dot):
+        return jax.jit(lambda x, w, dy: jax.vjp(lambda x, w: dot(x, w, dims), x, w)[1](dy))
+
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        vjp(kernels.dense_dot_general)(x, w, dy),
+        vjp(jax.lax.dot_general)(x, w, dy),
+    )
+
+
+def test_dense_dot_general_is_a_batched_product_in_cpu_inference_only():
+    x1, x64 = jnp.zeros((1, 12544)), jnp.zeros((64, 12544))
+    w = jnp.zeros((12544, 512))
+    dims = (((1,), (0,)), ((), ()))
+
+    def forward(x, w):
+        return kernels.dense_dot_general(x, w, dims)
+
+    def batched(dots):
+        return [line for line in dots if "lhs_batch_dims" in line]
+
+    assert batched(_compiled_dots(forward, x1, w))  # 49 products of 256
+    assert not batched(_compiled_dots(forward, x64, w))
+    grads = jax.grad(lambda w, x: jnp.sum(forward(x, w)))
+    assert not batched(_compiled_dots(grads, w, x1))
+    # Short kernels (fc2, fc3) and other dimension numbers are lax.dot_general itself.
+    assert not batched(_compiled_dots(forward, jnp.zeros((1, 512)), jnp.zeros((512, 64))))
+    y = kernels.dense_dot_general(jnp.ones((2, 3)), jnp.ones((2, 4)), (((0,), (0,)), ((), ())))
+    np.testing.assert_array_equal(y, jnp.full((3, 4), 2.0))
+
+
+def test_net_inference_at_batch_1_uses_the_batched_product():
+    # fc1 through dense_dot_general: 49 products of (1, 256) x (256, 512).
+    params = abstract_params(NET)
+    images = jax.ShapeDtypeStruct((1, 32, 32, 1), jnp.float32)
+    dots = _compiled_dots(lambda p, x: NET.apply({"params": p}, x), params, images)
+    assert any("f32[49,1,512]" in line and "lhs_batch_dims" in line for line in dots), dots
