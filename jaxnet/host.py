@@ -1,20 +1,33 @@
 """Process-level settings of the host that decide how fast XLA:CPU runs the training step.
 
-glibc's ``malloc`` thresholds (:func:`tune_malloc`, why: ``docs/performance.md``) are raised
-the first time one of jaxnet's jitted steps runs on the CPU (``train_step``, ``eval_step``,
-``train_steps``, ``train_step_donated``, ``per_example_grad_norms``, the ``jaxnet.inference``
-predictions): the README's own usage is then the fast path, with no extra call. They change
-the whole process, so:
+Two glibc ``malloc`` settings make the README's own usage the fast path on the CPU, with no
+extra call (why: ``docs/performance.md``):
 
-* ``JAXNET_TUNE_MALLOC=0`` in the environment, or :func:`restore_malloc` before the first
-  step, keeps glibc's own settings; so do ``MALLOC_MMAP_THRESHOLD_`` or
-  ``MALLOC_TRIM_THRESHOLD_`` set by the user (their values stay in force);
-* :func:`malloc_status` says what was done, by what and why; :func:`restore_malloc` undoes it;
+* **one arena**: importing jaxnet limits glibc to one malloc arena (``M_ARENA_MAX`` = 1), so
+  the threads that XLA starts later allocate from the main heap. In a thread's own arena a
+  block over 64 MB (a large batch's temporaries) is a fresh ``mmap`` on every step, whatever
+  the thresholds, and a heap that empties is unmapped. It is set at import because it only
+  acts on threads that have not allocated yet, and XLA's threads allocate as soon as JAX
+  computes anything (``TrainState.create`` does);
+* **thresholds** (:func:`tune_malloc`): the first time one of jaxnet's jitted steps runs on the
+  CPU (``train_step``, ``eval_step``, ``train_steps``, ``train_step_donated``,
+  ``per_example_grad_norms``, the ``jaxnet.inference`` predictions), glibc's mmap and trim
+  thresholds are raised, so freed blocks are reused instead of faulted in afresh.
+
+They change the whole process, so:
+
+* ``JAXNET_TUNE_MALLOC=0`` in the environment keeps glibc's own settings (for the arena limit
+  it must be set before jaxnet is imported); :func:`restore_malloc` before the first step keeps
+  the thresholds; ``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_`` or
+  ``MALLOC_TRIM_THRESHOLD_`` set by the user stay in force;
+* :func:`malloc_status` says what was done, by what and why; :func:`restore_malloc` undoes it
+  (glibc keeps the arena count it has already settled on for the process, see there);
+* the first step off the CPU lifts the arena limit again and leaves the thresholds alone
+  (GPU and TPU buffers are not ``malloc``'s);
 * the memory kept is capped: at most ``auto_threshold()`` bytes (1 GiB, or 1/16 of the
   physical memory if that is less) of freed memory stays with the process.
 
-No other setting is touched, and nothing is done on GPUs and TPUs (their buffers are not
-``malloc``'s).
+No other setting is touched.
 """
 
 from __future__ import annotations
@@ -40,14 +53,24 @@ __all__ = [
 # glibc mallopt() parameter numbers (malloc.h) and the defaults its manual gives.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+_GLIBC_DEFAULT_ARENA_MAX = 0  # 0: glibc's own count, 8 per core
 
 DEFAULT_MALLOC_THRESHOLD = 1 << 30
 MALLOC_ENV = "JAXNET_TUNE_MALLOC"
 """``JAXNET_TUNE_MALLOC=0``: jaxnet's steps leave ``malloc`` as it is."""
 _USER_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+_USER_ARENA_ENV = "MALLOC_ARENA_MAX"
 
-_status: dict[str, Any] = {"tuned": False, "threshold_bytes": None, "by": None, "note": None}
+_status: dict[str, Any] = {
+    "tuned": False,
+    "threshold_bytes": None,
+    "by": None,
+    "note": None,
+    "one_arena": False,
+    "arena_note": None,
+}
 _first_call_done = False
 
 
@@ -108,8 +131,11 @@ def restore_malloc() -> bool:
     """Undo :func:`tune_malloc`, and keep jaxnet's steps from applying it in this process.
 
     Puts glibc's documented default values back (128 KiB each; glibc's dynamic raising of the
-    mmap threshold stays off once a value has been set, as after any ``mallopt``). Returns
-    True if values were restored, False if there was nothing to undo.
+    mmap threshold stays off once a value has been set, as after any ``mallopt``) and lifts
+    the one-arena limit. glibc settles the process's arena count the first time a thread
+    needs an arena of its own and keeps it: threads started after that still share the one
+    arena. Set ``JAXNET_TUNE_MALLOC=0`` before importing jaxnet to keep glibc's arenas.
+    Returns True if values were restored, False if there was nothing to undo.
     """
     global _first_call_done
     _first_call_done = True
@@ -118,14 +144,42 @@ def restore_malloc() -> bool:
         _set_thresholds(_GLIBC_DEFAULT_THRESHOLD)
     _status.update(tuned=False, threshold_bytes=None, by="restore_malloc()")
     _status["note"] = "glibc's default values restored" if was_tuned else "left untouched"
-    return bool(was_tuned)
+    had_one_arena = _lift_arena_limit("restore_malloc()")
+    return bool(was_tuned or had_one_arena)
 
 
 def malloc_status() -> dict[str, Any]:
-    """What jaxnet did to ``malloc`` in this process: ``tuned`` (bool), ``threshold_bytes``,
-    ``by`` (``"first step"``, ``"tune_malloc()"``, ``"restore_malloc()"`` or None: nothing
-    yet) and ``note`` (why it was left alone, when it was)."""
+    """What jaxnet did to ``malloc`` in this process: ``tuned`` (bool: the thresholds),
+    ``threshold_bytes``, ``by`` (``"first step"``, ``"tune_malloc()"``, ``"restore_malloc()"``
+    or None: nothing yet), ``note`` (why they were left alone, when they were), ``one_arena``
+    (bool: ``M_ARENA_MAX`` = 1 since jaxnet's import) and ``arena_note`` (what was done to the
+    arenas, or why not)."""
     return dict(_status)
+
+
+def _limit_arenas_on_import() -> None:
+    """One malloc arena from here on, unless told not to (see the module's docstring)."""
+    if os.environ.get(MALLOC_ENV, "").strip() == "0":
+        _status["arena_note"] = f"{MALLOC_ENV}=0: left untouched"
+    elif _USER_ARENA_ENV in os.environ:
+        _status["arena_note"] = f"{_USER_ARENA_ENV} set in the environment: left as set"
+    elif not _set_arena_max(1):
+        _status["arena_note"] = "not glibc: nothing to limit"
+    else:
+        _status.update(one_arena=True, arena_note="one arena since jaxnet was imported")
+
+
+def _lift_arena_limit(by: str) -> bool:
+    if not _status["one_arena"]:
+        return False
+    _set_arena_max(_GLIBC_DEFAULT_ARENA_MAX)
+    _status.update(one_arena=False, arena_note=f"limit lifted by {by}")
+    return True
+
+
+def _set_arena_max(value: int) -> bool:
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, value))
 
 
 def auto_threshold() -> int:
@@ -143,10 +197,12 @@ def _on_first_call(backend: Callable[[], str]) -> None:
     _first_call_done = True
     if os.environ.get(MALLOC_ENV, "").strip() == "0":
         _status["note"] = f"{MALLOC_ENV}=0: left untouched"
-    elif any(name in os.environ for name in _USER_ENV):
-        _status["note"] = "MALLOC_*_THRESHOLD_ set in the environment: left as set"
+        _lift_arena_limit(f"the first step ({MALLOC_ENV}=0)")
     elif backend() != "cpu":
         _status["note"] = "not on the CPU: left untouched"
+        _lift_arena_limit("the first step (not on the CPU)")
+    elif any(name in os.environ for name in _USER_ENV):
+        _status["note"] = "MALLOC_*_THRESHOLD_ set in the environment: left as set"
     elif not _tune(auto_threshold(), "first step"):
         _status["note"] = "not glibc: nothing to tune"
 
@@ -174,3 +230,6 @@ class _FirstCallTuning:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._jitted, name)
+
+
+_limit_arenas_on_import()

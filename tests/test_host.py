@@ -14,7 +14,7 @@ import jax
 import pytest
 
 from jaxnet import host
-from jaxnet.host import _USER_ENV, tune_malloc
+from jaxnet.host import _USER_ARENA_ENV, _USER_ENV, MALLOC_ENV, tune_malloc
 
 # The README's own usage (TrainState.create, then jaxnet.train_step in a loop) at batch 1,
 # nothing else called: minor page faults per step, then again after host.restore_malloc().
@@ -92,16 +92,28 @@ def test_the_default_path_has_no_per_step_page_faults_and_restore_undoes_it():
     assert out["restored"] is True and out["after_restore"] > max(100, 50 * out["default"]), out
 
 
+_FRESH_STATUS = {
+    "tuned": False,
+    "threshold_bytes": None,
+    "by": None,
+    "note": None,
+    "one_arena": False,
+    "arena_note": None,
+}
+
+
 @pytest.fixture
 def fresh_host(monkeypatch):
-    """jaxnet.host as in a new process, with mallopt replaced by a recorder."""
+    """jaxnet.host as in a new process before its import-time arena limit, with mallopt's two
+    uses replaced by recorders: thresholds as values, arena limits as ("arena_max", value)."""
     calls = []
-    monkeypatch.setattr(
-        host, "_status", dict(tuned=False, threshold_bytes=None, by=None, note=None)
-    )
+    monkeypatch.setattr(host, "_status", dict(_FRESH_STATUS))
     monkeypatch.setattr(host, "_first_call_done", False)
     monkeypatch.setattr(host, "_set_thresholds", lambda value: calls.append(value) or True)
-    for name in ("JAXNET_TUNE_MALLOC", *_USER_ENV):
+    monkeypatch.setattr(
+        host, "_set_arena_max", lambda value: calls.append(("arena_max", value)) or True
+    )
+    for name in ("JAXNET_TUNE_MALLOC", _USER_ARENA_ENV, *_USER_ENV):
         monkeypatch.delenv(name, raising=False)
     return calls
 
@@ -135,8 +147,7 @@ def test_the_first_call_of_a_wrapped_step_tunes_once_and_restore_undoes_it(fresh
     assert wrapped.lower(1).compile() is not None  # the jitted function's API stays
     assert host.restore_malloc() is True and fresh_host[-1] == 128 * 1024
     assert host.malloc_status() == {
-        "tuned": False,
-        "threshold_bytes": None,
+        **_FRESH_STATUS,
         "by": "restore_malloc()",
         "note": "glibc's default values restored",
     }
@@ -147,3 +158,87 @@ def test_restore_before_the_first_step_keeps_the_steps_from_tuning(fresh_host):
     assert host.restore_malloc() is False
     host.tunes_malloc_on_first_call(lambda: None)()
     assert fresh_host == [] and host.malloc_status()["note"] == "left untouched"
+
+
+@pytest.mark.parametrize(
+    ("env", "limited", "note"),
+    [
+        ({}, True, "one arena since jaxnet was imported"),
+        ({"JAXNET_TUNE_MALLOC": "0"}, False, "JAXNET_TUNE_MALLOC=0: left untouched"),
+        ({"MALLOC_ARENA_MAX": "4"}, False, "MALLOC_ARENA_MAX set in the environment"),
+    ],
+)
+def test_the_import_limits_arenas_unless_told_not_to(fresh_host, monkeypatch, env, limited, note):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    host._limit_arenas_on_import()
+    assert fresh_host == ([("arena_max", 1)] if limited else [])
+    status = host.malloc_status()
+    assert status["one_arena"] is limited and note in status["arena_note"]
+
+
+@pytest.mark.parametrize(
+    ("env", "backend", "lifted_by"),
+    [({}, "gpu", "not on the CPU"), ({"JAXNET_TUNE_MALLOC": "0"}, "cpu", "JAXNET_TUNE_MALLOC=0")],
+)
+def test_the_first_step_lifts_the_arena_limit_off_the_cpu_or_when_told(
+    fresh_host, monkeypatch, env, backend, lifted_by
+):
+    host._limit_arenas_on_import()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    host._on_first_call(lambda: backend)
+    assert fresh_host == [("arena_max", 1), ("arena_max", 0)]  # 0: glibc's own count
+    status = host.malloc_status()
+    assert status["one_arena"] is False and lifted_by in status["arena_note"]
+    assert status["tuned"] is False
+
+
+def test_restore_malloc_lifts_the_arena_limit(fresh_host):
+    host._limit_arenas_on_import()
+    host._on_first_call(lambda: "cpu")
+    assert host.malloc_status()["one_arena"] is True and host.malloc_status()["tuned"] is True
+    assert host.restore_malloc() is True
+    assert fresh_host[-2:] == [128 * 1024, ("arena_max", 0)]
+    assert host.malloc_status()["arena_note"] == "limit lifted by restore_malloc()"
+
+
+# A fresh process: import jaxnet, run the README's step at batch 1 on the CPU, then count the
+# arenas glibc's malloc_stats() reports (on stderr: "Arena 0:", "Arena 1:", ...).
+_ARENAS = textwrap.dedent(
+    """
+    import ctypes, importlib.util, json, sys
+    import jax, jaxnet
+    from jaxnet import host
+    spec = importlib.util.spec_from_file_location("page_faults", sys.argv[1])
+    page_faults = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page_faults)
+    state, batch = page_faults.readme_state(1)
+    for _ in range(3):
+        state, _ = jax.block_until_ready(jaxnet.train_step(state, batch))
+    print(json.dumps(host.malloc_status()), flush=True)
+    ctypes.CDLL("libc.so.6").malloc_stats()
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_xla_threads_share_one_arena_after_import_unless_opted_out(opt_out):
+    env = {k: v for k, v in os.environ.items() if k not in (MALLOC_ENV, _USER_ARENA_ENV)}
+    if opt_out:
+        env[MALLOC_ENV] = "0"
+    done = subprocess.run(
+        [sys.executable, "-c", _ARENAS, str(PAGE_FAULTS)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    status = json.loads(done.stdout.strip().splitlines()[-1])
+    arenas = [line for line in done.stderr.splitlines() if line.startswith("Arena ")]
+    assert status["one_arena"] is not opt_out
+    if opt_out:
+        assert len(arenas) > 1, done.stderr  # XLA's threads took arenas of their own
+    else:
+        assert arenas == ["Arena 0:"], done.stderr
