@@ -225,14 +225,18 @@ def _matmul_chunked(x: jax.Array, w: jax.Array, precision: Any, preferred: Any) 
     rows, depth = x.shape
     length = _chunk_length(rows, depth)
     chunks = depth // length
+    out = preferred or jnp.result_type(x, w)
+    # Partial products of bf16/fp16 inputs are summed in float32, rounded once at the end, as
+    # the plain product rounds once.
+    accumulate = jnp.promote_types(out, jnp.float32)
     parts = jnp.einsum(
         "bck,ckn->cbn",
         x.reshape(rows, chunks, length),
         w.reshape(chunks, length, w.shape[1]),
         precision=precision,
-        preferred_element_type=preferred,
+        preferred_element_type=accumulate,
     )
-    return jnp.sum(parts, axis=0)
+    return jnp.sum(parts, axis=0).astype(out)
 
 
 def _matmul_plain(x: jax.Array, w: jax.Array, precision: Any, preferred: Any) -> jax.Array:

@@ -254,3 +254,21 @@ def test_net_inference_at_batch_1_uses_the_batched_product():
     images = jax.ShapeDtypeStruct((1, 32, 32, 1), jnp.float32)
     dots = _compiled_dots(lambda p, x: NET.apply({"params": p}, x), params, images)
     assert any("f32[49,1,512]" in line and "lhs_batch_dims" in line for line in dots), dots
+
+
+def test_dense_dot_general_in_bfloat16_is_as_close_to_exact_as_the_plain_product():
+    # bf16 compute (Net(dtype=jnp.bfloat16)): the partial products are summed in float32 and
+    # rounded to bfloat16 once, like the plain product.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 12544), dtype=np.float32), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((12544, 512), dtype=np.float32), jnp.bfloat16)
+    dims = (((1,), (0,)), ((), ()))
+    got = jax.jit(lambda x, w: kernels.dense_dot_general(x, w, dims))(x, w)
+    plain = jax.lax.dot_general(x, w, dims)
+    assert got.dtype == plain.dtype == jnp.bfloat16
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+
+    def error(y):
+        return np.abs(np.asarray(y, np.float64) - exact).mean()
+
+    assert error(got) <= 1.1 * error(plain)
