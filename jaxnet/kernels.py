@@ -213,8 +213,11 @@ _CHUNKED_MAX_ROWS = 32
 _CHUNKED_MIN_DEPTH = 4096
 
 
-def _chunk_length(rows: int, depth: int) -> int | None:
-    # The measured best: L = 256 for one row, 128 for 2 to 32; None where the form is not used.
+def _chunk_length(rows: Any, depth: Any) -> int | None:
+    # The measured best: L = 256 for one row, 128 for 2 to 32; None where the form is not used,
+    # also for a symbolic row count (jax.export with a symbolic batch: any size is possible).
+    if not (isinstance(rows, int) and isinstance(depth, int)):
+        return None
     if rows > _CHUNKED_MAX_ROWS or depth < _CHUNKED_MIN_DEPTH:
         return None
     length = 256 if rows == 1 else 128

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""conv2's forward pass and input gradient in every form measured, and fc1's three matmuls
-with the kernel stored (in, out) as Flax's Dense does or (out, in) as torch's Linear does, on
-this machine's CPU.
+"""conv2's forward pass and input gradient in every form measured, fc1's three matmuls
+with the kernel stored (in, out) as Flax's Dense does or (out, in) as torch's Linear does,
+and fc1's inference product plain and as ``kernels.dense_dot_general`` computes it, on this
+machine's CPU.
 
 Each form is jitted alone and timed (median of ``--reps`` calls) with glibc's malloc tuned as
 jaxnet's steps tune it, the forms of one batch size interleaved round by round, so that load
@@ -79,6 +80,27 @@ def _fc1_forms() -> dict[str, Any]:
     }
 
 
+def _fc1_inference_forms() -> dict[str, Any]:
+    # (x, w) -> fc1's product as inference computes it: dense_dot_general is the batched form
+    # up to 32 rows and the plain product above.
+    dims = (((1,), (0,)), ((), ()))
+    return {
+        "plain product": lambda x, w: x @ w,
+        "dense_dot_general (used)": lambda x, w: kernels.dense_dot_general(x, w, dims),
+    }
+
+
+def _torch_fc1(x: jax.Array, w: jax.Array) -> Any:
+    weight = torch.from_numpy(np.asarray(w).T.copy())  # torch's (out, in)
+    xt = torch.from_numpy(np.array(x))  # a writable copy
+
+    def call() -> None:
+        with torch.no_grad():
+            torch.nn.functional.linear(xt, weight)
+
+    return call
+
+
 def _time_interleaved(calls: dict[str, Any], reps: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():  # first calls: compile and warm up
@@ -117,6 +139,7 @@ def measure(batch: int, reps: int) -> dict[str, Any]:
         ("conv2_forward", _forward_forms(), (x, k)),
         ("conv2_input_gradient", _input_gradient_forms(), (g, k)),
         ("fc1", _fc1_forms(), (h, g1, w, w.T.copy())),
+        ("fc1_inference", _fc1_inference_forms(), (h, w)),
     ):
         jitted = {name: jax.jit(f) for name, f in forms.items()}
         outs = {name: np.asarray(f(*args)) for name, f in jitted.items()}
@@ -128,6 +151,8 @@ def measure(batch: int, reps: int) -> dict[str, Any]:
         calls = {n: (lambda f=f, a=args: jax.block_until_ready(f(*a))) for n, f in jitted.items()}
         if section == "conv2_forward":
             calls["pytorch conv2d + relu, no_grad"] = _torch_conv2(x)
+        if section == "fc1_inference":
+            calls["pytorch linear, no_grad"] = _torch_fc1(h, w)
         ms = _time_interleaved(calls, reps)
         out[section] = {name: {"ms": ms[name]} for name in calls}
         for name in names:

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Minor page faults and wall time of the README's ``train_step`` loop, window by window.
 
-Runs ``TrainState.create`` + ``jaxnet.train_step`` (malloc tuned by the first step, as in a
+Runs ``TrainState.create`` + ``jaxnet.train_step`` (malloc set up by jaxnet, as in a
 user's script) in windows of 10 steps and prints, per window after the first, the faults per
 step and the window's milliseconds. A window whose steps each fault ~6,270 pages (25.7 MB,
 fc1's kernel) in total took one of its 51 MB of fresh output buffers from new pages.
 
     python3 scripts/page_faults.py --batch-size 1 --windows 30
-    MALLOC_ARENA_MAX=1 python3 scripts/page_faults.py     # glibc: one arena for all threads
+    JAXNET_TUNE_MALLOC=0 python3 scripts/page_faults.py   # glibc's own arenas and thresholds
 """
 
 from __future__ import annotations

@@ -61,10 +61,14 @@ def test_tune_malloc_rejects_a_non_positive_threshold():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_the_default_path_has_no_per_step_page_faults_and_restore_undoes_it():
     env = {k: v for k, v in os.environ.items() if k not in ("JAXNET_TUNE_MALLOC", *_USER_ENV)}
-    # Tuned, some windows still fault one 25.7 MB buffer in afresh (glibc's per-thread arenas
-    # unmap a heap that empties, whatever the trim threshold: scripts/page_faults.py), and
-    # rarely every window of a run does: such a run is measured again, up to 3 runs, keeping
-    # the one with the fewest faults per tuned step. Untuned, every run is far above the bound.
+
+    # A run is measured again, up to 3 runs, when either figure misses its bound: this VM's
+    # own page reclaim can fault a reused block in afresh, and where the kernel backs fresh
+    # mappings with huge pages an untuned step faults far less. Untuned, every run we have
+    # seen is far above the tuned bound.
+    def meets_bounds(run):
+        return run["default"] < 500 and run["after_restore"] > max(100, 50 * run["default"])
+
     runs = []
     for _ in range(3):
         done = subprocess.run(
@@ -75,9 +79,9 @@ def test_the_default_path_has_no_per_step_page_faults_and_restore_undoes_it():
             env=env,
         )
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        if runs[-1]["default"] < 500:
+        if meets_bounds(runs[-1]):
             break
-    out = min(runs, key=lambda run: run["default"])
+    out = next((run for run in runs if meets_bounds(run)), runs[-1])
     print(
         f"minor page faults per step at batch 1: {out['default']:.0f}, "
         f"after restore_malloc(): {out['after_restore']:.0f}"
@@ -203,19 +207,16 @@ def test_restore_malloc_lifts_the_arena_limit(fresh_host):
     assert host.malloc_status()["arena_note"] == "limit lifted by restore_malloc()"
 
 
-# A fresh process: import jaxnet, run the README's step at batch 1 on the CPU, then count the
-# arenas glibc's malloc_stats() reports (on stderr: "Arena 0:", "Arena 1:", ...).
+# A fresh process: import jaxnet, let XLA's threads compute, then count the arenas glibc's
+# malloc_stats() reports (on stderr: "Arena 0:", "Arena 1:", ...).
 _ARENAS = textwrap.dedent(
     """
-    import ctypes, importlib.util, json, sys
-    import jax, jaxnet
+    import ctypes, json
+    import jax, jax.numpy as jnp
+    import jaxnet
     from jaxnet import host
-    spec = importlib.util.spec_from_file_location("page_faults", sys.argv[1])
-    page_faults = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(page_faults)
-    state, batch = page_faults.readme_state(1)
-    for _ in range(3):
-        state, _ = jax.block_until_ready(jaxnet.train_step(state, batch))
+    x = jnp.ones((256, 256))
+    jax.block_until_ready(jax.jit(lambda x: jnp.tanh(x @ x).sum(0) + x)(x))
     print(json.dumps(host.malloc_status()), flush=True)
     ctypes.CDLL("libc.so.6").malloc_stats()
     """
@@ -229,7 +230,7 @@ def test_xla_threads_share_one_arena_after_import_unless_opted_out(opt_out):
     if opt_out:
         env[MALLOC_ENV] = "0"
     done = subprocess.run(
-        [sys.executable, "-c", _ARENAS, str(PAGE_FAULTS)],
+        [sys.executable, "-c", _ARENAS],
         capture_output=True,
         text=True,
         check=True,

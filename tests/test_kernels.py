@@ -189,7 +189,7 @@ def test_the_kernel_forms_benchmark_runs_and_its_forms_agree():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     result = module.measure(2, reps=1)
-    assert set(result) == {"conv2_forward", "conv2_input_gradient", "fc1"}
+    assert set(result) == {"conv2_forward", "conv2_input_gradient", "fc1", "fc1_inference"}
     for forms in result.values():
         assert len(forms) >= 3 and all(v["ms"] > 0 for v in forms.values())
         for v in forms.values():
