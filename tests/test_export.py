@@ -143,7 +143,7 @@ def test_stablehlo_inference_equals_net_apply(run_model):
     assert str(exported.in_avals[0].shape[0]) == "n" and exported.platforms == ("cpu",)
     apply = jax.jit(jaxnet.Net().apply)
     rng = np.random.default_rng(0)
-    for n in (1, 5, 33):
+    for n in (1, 33):
         x = rng.standard_normal((n, 32, 32, 1), dtype=np.float32)
         got = np.asarray(exported.call(x))
         want = np.asarray(apply({"params": params}, x))

@@ -201,7 +201,7 @@ def _compiled_dots(fn, *args) -> list[str]:
     return [line for line in text.splitlines() if " dot(" in line]
 
 
-@pytest.mark.parametrize("rows", [1, 2, 32, 33])
+@pytest.mark.parametrize("rows", [1, 32, 33])
 def test_dense_dot_general_equals_dot_general_and_its_gradients(rows):
     # fc1's shape. At most 32 rows the CPU evaluates a batch of shorter products, summed:
     # float32 round-off of a different summation order (numpy's float64 product bounds it).
