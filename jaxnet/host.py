@@ -59,18 +59,25 @@ _GLIBC_DEFAULT_ARENA_MAX = 0  # 0: glibc's own count, 8 per core
 
 DEFAULT_MALLOC_THRESHOLD = 1 << 30
 MALLOC_ENV = "JAXNET_TUNE_MALLOC"
-"""``JAXNET_TUNE_MALLOC=0``: jaxnet's steps leave ``malloc`` as it is."""
+"""``JAXNET_TUNE_MALLOC=0``: jaxnet leaves ``malloc`` as it is (set before importing jaxnet
+for the arena limit, before the first step for the thresholds)."""
 _USER_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _USER_ARENA_ENV = "MALLOC_ARENA_MAX"
 
-_status: dict[str, Any] = {
-    "tuned": False,
-    "threshold_bytes": None,
-    "by": None,
-    "note": None,
-    "one_arena": False,
-    "arena_note": None,
-}
+
+def _initial_status() -> dict[str, Any]:
+    """What :func:`malloc_status` says before jaxnet has done or decided anything."""
+    return {
+        "tuned": False,
+        "threshold_bytes": None,
+        "by": None,
+        "note": None,
+        "one_arena": False,
+        "arena_note": None,
+    }
+
+
+_status: dict[str, Any] = _initial_status()
 _first_call_done = False
 
 

@@ -96,22 +96,12 @@ def test_the_default_path_has_no_per_step_page_faults_and_restore_undoes_it():
     assert out["restored"] is True and out["after_restore"] > max(100, 50 * out["default"]), out
 
 
-_FRESH_STATUS = {
-    "tuned": False,
-    "threshold_bytes": None,
-    "by": None,
-    "note": None,
-    "one_arena": False,
-    "arena_note": None,
-}
-
-
 @pytest.fixture
 def fresh_host(monkeypatch):
     """jaxnet.host as in a new process before its import-time arena limit, with mallopt's two
     uses replaced by recorders: thresholds as values, arena limits as ("arena_max", value)."""
     calls = []
-    monkeypatch.setattr(host, "_status", dict(_FRESH_STATUS))
+    monkeypatch.setattr(host, "_status", host._initial_status())
     monkeypatch.setattr(host, "_first_call_done", False)
     monkeypatch.setattr(host, "_set_thresholds", lambda value: calls.append(value) or True)
     monkeypatch.setattr(
@@ -151,7 +141,7 @@ def test_the_first_call_of_a_wrapped_step_tunes_once_and_restore_undoes_it(fresh
     assert wrapped.lower(1).compile() is not None  # the jitted function's API stays
     assert host.restore_malloc() is True and fresh_host[-1] == 128 * 1024
     assert host.malloc_status() == {
-        **_FRESH_STATUS,
+        **host._initial_status(),
         "by": "restore_malloc()",
         "note": "glibc's default values restored",
     }
