@@ -390,7 +390,8 @@ def _add_malloc_flag(p: argparse.ArgumentParser) -> None:
         "--malloc-defaults",
         action="store_true",
         help="keep glibc's malloc thresholds (default: raise them, jaxnet.host.tune_malloc; "
-        "XLA:CPU's per-step buffers then stop costing page faults)",
+        "XLA:CPU's per-step buffers then stop costing page faults); JAXNET_TUNE_MALLOC=0 in "
+        "the environment also keeps glibc's per-thread arenas",
     )
 
 
