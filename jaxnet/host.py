@@ -22,8 +22,10 @@ They change the whole process, so:
   ``MALLOC_TRIM_THRESHOLD_`` set by the user stay in force;
 * :func:`malloc_status` says what was done, by what and why; :func:`restore_malloc` undoes it
   (glibc keeps the arena count it has already settled on for the process, see there);
-* the first step off the CPU lifts the arena limit again and leaves the thresholds alone
-  (GPU and TPU buffers are not ``malloc``'s);
+* nothing is done where JAX will run on a GPU or TPU (their buffers are not ``malloc``'s): the
+  arena limit is set only when the CPU is expected to be JAX's backend (``JAX_PLATFORMS``
+  names it first, or no accelerator plugin is installed), and a first step off the CPU lifts
+  it and leaves the thresholds alone;
 * the memory kept is capped: at most ``auto_threshold()`` bytes (1 GiB, or 1/16 of the
   physical memory if that is less) of freed memory stays with the process.
 
@@ -164,12 +166,33 @@ def malloc_status() -> dict[str, Any]:
     return dict(_status)
 
 
-def _limit_arenas_on_import() -> None:
-    """One malloc arena from here on, unless told not to (see the module's docstring)."""
+def _cpu_backend_expected() -> bool:
+    """Whether JAX's default backend will be the CPU, known without starting a backend: the
+    first of ``JAX_PLATFORMS`` / ``jax_platforms`` when set, else whether no accelerator
+    plugin (CUDA, ROCm: the ``jax_plugins`` entry points and namespace; TPU: ``libtpu``) is
+    installed."""
+    import importlib.util
+    from importlib.metadata import entry_points
+
+    import jax
+
+    platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
+    if platforms.strip():
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    if any(True for _ in entry_points(group="jax_plugins")):
+        return False
+    return all(importlib.util.find_spec(name) is None for name in ("jax_plugins", "libtpu"))
+
+
+def _limit_arenas_on_import(cpu_expected: Callable[[], bool] = _cpu_backend_expected) -> None:
+    """One malloc arena from here on, unless told not to or another backend is expected (see
+    the module's docstring)."""
     if os.environ.get(MALLOC_ENV, "").strip() == "0":
         _status["arena_note"] = f"{MALLOC_ENV}=0: left untouched"
     elif _USER_ARENA_ENV in os.environ:
         _status["arena_note"] = f"{_USER_ARENA_ENV} set in the environment: left as set"
+    elif not cpu_expected():
+        _status["arena_note"] = "an accelerator backend is expected: left untouched"
     elif not _set_arena_max(1):
         _status["arena_note"] = "not glibc: nothing to limit"
     else:

@@ -165,7 +165,7 @@ def test_restore_before_the_first_step_keeps_the_steps_from_tuning(fresh_host):
 def test_the_import_limits_arenas_unless_told_not_to(fresh_host, monkeypatch, env, limited, note):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    host._limit_arenas_on_import()
+    host._limit_arenas_on_import(cpu_expected=lambda: True)
     assert fresh_host == ([("arena_max", 1)] if limited else [])
     status = host.malloc_status()
     assert status["one_arena"] is limited and note in status["arena_note"]
@@ -178,7 +178,7 @@ def test_the_import_limits_arenas_unless_told_not_to(fresh_host, monkeypatch, en
 def test_the_first_step_lifts_the_arena_limit_off_the_cpu_or_when_told(
     fresh_host, monkeypatch, env, backend, lifted_by
 ):
-    host._limit_arenas_on_import()
+    host._limit_arenas_on_import(cpu_expected=lambda: True)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     host._on_first_call(lambda: backend)
@@ -189,12 +189,41 @@ def test_the_first_step_lifts_the_arena_limit_off_the_cpu_or_when_told(
 
 
 def test_restore_malloc_lifts_the_arena_limit(fresh_host):
-    host._limit_arenas_on_import()
+    host._limit_arenas_on_import(cpu_expected=lambda: True)
     host._on_first_call(lambda: "cpu")
     assert host.malloc_status()["one_arena"] is True and host.malloc_status()["tuned"] is True
     assert host.restore_malloc() is True
     assert fresh_host[-2:] == [128 * 1024, ("arena_max", 0)]
     assert host.malloc_status()["arena_note"] == "limit lifted by restore_malloc()"
+
+
+def test_the_import_leaves_arenas_alone_where_an_accelerator_is_expected(fresh_host):
+    host._limit_arenas_on_import(cpu_expected=lambda: False)
+    assert fresh_host == []
+    status = host.malloc_status()
+    assert status["one_arena"] is False and "accelerator" in status["arena_note"]
+
+
+@pytest.mark.parametrize(
+    ("platforms", "cpu"), [("cpu", True), ("cpu,cuda", True), ("cuda", False), ("tpu,cpu", False)]
+)
+def test_jax_platforms_decides_the_expected_backend(monkeypatch, platforms, cpu):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert host._cpu_backend_expected() is cpu
+
+
+def test_an_installed_accelerator_plugin_means_no_cpu_backend(monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert not jax.config.jax_platforms  # the suite leaves JAX to pick its backend
+    plugin = importlib.metadata.EntryPoint("xla_cuda12", "jax_cuda12_plugin", "jax_plugins")
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda group: [plugin] if group == "jax_plugins" else []
+    )
+    assert host._cpu_backend_expected() is False
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    assert host._cpu_backend_expected() is True  # this machine: no jax_plugins, no libtpu
 
 
 # A fresh process: import jaxnet, let XLA's threads compute, then count the arenas glibc's
