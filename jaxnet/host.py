@@ -176,7 +176,7 @@ def _cpu_backend_expected() -> bool:
 
     import jax
 
-    platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
+    platforms = os.environ.get("JAX_PLATFORMS") or getattr(jax.config, "jax_platforms", None) or ""
     if platforms.strip():
         return platforms.split(",")[0].strip().lower() == "cpu"
     if any(True for _ in entry_points(group="jax_plugins")):
