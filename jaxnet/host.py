@@ -191,12 +191,21 @@ def _limit_arenas_on_import(cpu_expected: Callable[[], bool] = _cpu_backend_expe
         _status["arena_note"] = f"{MALLOC_ENV}=0: left untouched"
     elif _USER_ARENA_ENV in os.environ:
         _status["arena_note"] = f"{_USER_ARENA_ENV} set in the environment: left as set"
-    elif not cpu_expected():
+    elif not _safely(cpu_expected):
         _status["arena_note"] = "an accelerator backend is expected: left untouched"
     elif not _set_arena_max(1):
         _status["arena_note"] = "not glibc: nothing to limit"
     else:
         _status.update(one_arena=True, arena_note="one arena since jaxnet was imported")
+
+
+def _safely(cpu_expected: Callable[[], bool]) -> bool:
+    # Importing jaxnet must not fail on a speed setting: an unreadable installation (a broken
+    # package's metadata) counts as "not known to be the CPU", and nothing is changed.
+    try:
+        return bool(cpu_expected())
+    except Exception:
+        return False
 
 
 def _lift_arena_limit(by: str) -> bool:

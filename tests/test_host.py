@@ -197,8 +197,13 @@ def test_restore_malloc_lifts_the_arena_limit(fresh_host):
     assert host.malloc_status()["arena_note"] == "limit lifted by restore_malloc()"
 
 
-def test_the_import_leaves_arenas_alone_where_an_accelerator_is_expected(fresh_host):
-    host._limit_arenas_on_import(cpu_expected=lambda: False)
+def _unreadable() -> bool:
+    raise RuntimeError("a package's metadata cannot be read")
+
+
+@pytest.mark.parametrize("cpu_expected", [lambda: False, _unreadable])
+def test_the_import_leaves_arenas_alone_where_an_accelerator_is_expected(fresh_host, cpu_expected):
+    host._limit_arenas_on_import(cpu_expected=cpu_expected)
     assert fresh_host == []
     status = host.malloc_status()
     assert status["one_arena"] is False and "accelerator" in status["arena_note"]
