@@ -67,6 +67,11 @@ _USER_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _USER_ARENA_ENV = "MALLOC_ARENA_MAX"
 
 
+def _opted_out() -> bool:
+    """``JAXNET_TUNE_MALLOC=0`` in the environment now."""
+    return os.environ.get(MALLOC_ENV, "").strip() == "0"
+
+
 def _initial_status() -> dict[str, Any]:
     """What :func:`malloc_status` says before jaxnet has done or decided anything."""
     return {
@@ -187,7 +192,7 @@ def _cpu_backend_expected() -> bool:
 def _limit_arenas_on_import(cpu_expected: Callable[[], bool] = _cpu_backend_expected) -> None:
     """One malloc arena from here on, unless told not to or another backend is expected (see
     the module's docstring)."""
-    if os.environ.get(MALLOC_ENV, "").strip() == "0":
+    if _opted_out():
         _status["arena_note"] = f"{MALLOC_ENV}=0: left untouched"
     elif _USER_ARENA_ENV in os.environ:
         _status["arena_note"] = f"{_USER_ARENA_ENV} set in the environment: left as set"
@@ -234,7 +239,7 @@ def _on_first_call(backend: Callable[[], str]) -> None:
     """Tune ``malloc`` for XLA:CPU unless told not to; record why not otherwise."""
     global _first_call_done
     _first_call_done = True
-    if os.environ.get(MALLOC_ENV, "").strip() == "0":
+    if _opted_out():
         _status["note"] = f"{MALLOC_ENV}=0: left untouched"
         _lift_arena_limit(f"the first step ({MALLOC_ENV}=0)")
     elif backend() != "cpu":

@@ -701,12 +701,12 @@ def train_and_evaluate(
     prints and writes ``metrics.jsonl`` and ``curves.png``; orbax writes each checkpoint once.
 
     Writes ``metrics.jsonl`` (one record per epoch: ``epoch``, ``step``, ``train_loss``,
-    ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``seconds``, ``lr``: the one the next
-    step uses), ``curves.png`` and
-    ``checkpoints/`` (``last``: full state every epoch; ``best``: params with the lowest
-    validation loss). ``config.resume`` continues the run in ``workdir`` exactly: a run killed
-    at any point and resumed ends with the same params, bit for bit (on CPU), as one never
-    stopped. SIGINT/SIGTERM save a mid-epoch checkpoint and return ``status="interrupted"``.
+    ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``seconds``, and ``lr``: the one the
+    next step uses), ``curves.png`` and ``checkpoints/`` (``last``: full state every epoch;
+    ``best``: params with the lowest validation loss). ``config.resume`` continues the run in
+    ``workdir`` exactly: a run killed at any point and resumed ends with the same params, bit
+    for bit (on CPU), as one never stopped. SIGINT/SIGTERM save a mid-epoch checkpoint and
+    return ``status="interrupted"``.
 
     Raises:
       ValueError: a batch size that does not split over the devices, an unknown loss,
