@@ -149,11 +149,14 @@ jaxpr, lowering it to StableHLO, and XLA's compilation."""
 @contextlib.contextmanager
 def compile_seconds() -> Iterator[dict[str, float]]:
     """Seconds JAX spends compiling inside the block, per ``COMPILE_EVENTS`` entry and in
-    ``"total"`` (filled in as it goes; read it after the block)."""
+    ``"total"`` (filled in as it goes; read it after the block). Only this thread's
+    compilations count: JAX reports each in the thread that compiles, and another thread's
+    would not be part of the timed call."""
     totals = dict.fromkeys((*COMPILE_EVENTS, "total"), 0.0)
+    owner = threading.get_ident()
 
     def listener(event: str, duration: float, **kwargs: Any) -> None:
-        if event in COMPILE_EVENTS:
+        if event in COMPILE_EVENTS and threading.get_ident() == owner:
             totals[event] += duration
             totals["total"] += duration
 

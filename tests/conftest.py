@@ -142,8 +142,11 @@ def small(**changes) -> TrainConfig:
 # ---------------------------------------------------------------------------------------------
 
 BACKGROUND: dict[str, Callable[[Path], Any]] = {}
-"""Session fixtures computed by a subprocess (``name -> run(directory) -> result``), registered
-with ``in_background``."""
+"""Session fixtures computed in the background (``name -> run(directory) -> result``),
+registered with ``in_background``."""
+
+IN_PROCESS: set[str] = set()
+"""The background jobs that compute in this process (``in_background(..., in_process=True)``)."""
 
 LIVE: set[subprocess.Popen] = set()
 """Subprocesses running now (``start_new_session=True``): killed, whole process group, when the
@@ -180,17 +183,25 @@ def run_logged(argv: list[str], log_path: Path, *, cwd: Path, timeout: float, wh
     return text
 
 
-def in_background(name: str) -> Callable[[Callable[[Path], Any]], Callable[[Path], Any]]:
+def in_background(
+    name: str, *, in_process: bool = False
+) -> Callable[[Callable[[Path], Any]], Callable[[Path], Any]]:
     """Register ``run(directory)`` as the work behind the session fixture ``name``.
 
     When the session starts, every registered job that a selected test needs (``name`` in its
-    fixture closure) is started in one background thread, one job at a time, so it runs while
-    the in-process tests do (they leave a core idle while XLA compiles); the tests that need
-    one run last, and the fixture waits for its result with ``background_result``.
+    fixture closure) is started in a background thread, so it runs while the in-process tests
+    do (they leave a core idle while XLA compiles); the tests that need one run last, and the
+    fixture waits for its result with ``background_result``. Jobs that start subprocesses run
+    one at a time in one thread; ``in_process`` jobs (JAX work that compiles long: XLA
+    compiles with the GIL released) one at a time in another, so they do not wait for those.
+    An ``in_process`` job must leave global state alone (``jax.enable_x64`` as a context
+    manager is per thread).
     """
 
     def register(run: Callable[[Path], Any]) -> Callable[[Path], Any]:
         BACKGROUND[name] = run
+        if in_process:
+            IN_PROCESS.add(name)
         return run
 
     return register
@@ -225,8 +236,16 @@ def _background_jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
     if not names:
         yield
         return
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-job")
-    futures = {n: pool.submit(BACKGROUND[n], tmp_path_factory.mktemp(n)) for n in names}
+    pools = {
+        kind: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"background-{kind}")
+        for kind in ("subprocess", "in-process")
+    }
+    futures = {
+        n: pools["in-process" if n in IN_PROCESS else "subprocess"].submit(
+            BACKGROUND[n], tmp_path_factory.mktemp(n)
+        )
+        for n in names
+    }
     request.config.stash[_FUTURES] = futures
     try:
         yield
@@ -237,7 +256,8 @@ def _background_jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
         for proc in list(LIVE):  # a job still running when the session ends
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-        pool.shutdown(wait=True)
+        for pool in pools.values():
+            pool.shutdown(wait=True)
 
 
 def signal_after_step(monkeypatch, sig: signal.Signals, at_step: int) -> None:

@@ -6,6 +6,7 @@ Speed itself is never asserted: ``jaxnet bench`` measures it.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import pytest
@@ -98,6 +99,24 @@ def test_time_limit_interrupts_python_code_and_leaves_no_timer():
     with bench.time_limit(5, TimeoutError):  # a block that ends in time: nothing raised
         _busy(0.01)
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_compile_seconds_counts_only_this_threads_compilations():
+    import jax
+    import jax.numpy as jnp
+
+    def compile_in_another_thread() -> None:
+        jax.jit(lambda x: x * 3.0 + 1.0)(jnp.ones(7)).block_until_ready()
+
+    with bench.compile_seconds() as totals:
+        other = threading.Thread(target=compile_in_another_thread)
+        other.start()
+        other.join()
+    assert totals["total"] == 0
+    with bench.compile_seconds() as totals:
+        jax.jit(lambda x: x * 5.0 - 2.0)(jnp.ones(7)).block_until_ready()
+    assert totals["/jax/core/compile/jaxpr_trace_duration"] > 0
+    assert totals["total"] > 0
 
 
 def test_time_limit_nested_keeps_the_outer_deadline():

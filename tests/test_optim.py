@@ -5,11 +5,14 @@ noise floor)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import background_result, in_background
 
 from jaxnet import optim, schedules
 
@@ -41,13 +44,19 @@ def check(spec: optim.OptimizerSpec, tx=None, limit: float = 4.0, ours=None) -> 
     return ratio
 
 
-@pytest.fixture(scope="module")
-def float64_runs() -> dict[str, list]:
-    """jaxnet's float64 trajectories of every case, compiled as one program (cheaper)."""
+@in_background("float64_runs", in_process=True)
+def _float64_runs(_: Path) -> dict[str, list]:
+    """jaxnet's float64 trajectories of every case, compiled as one program (cheaper), while
+    other tests run."""
     with jax.enable_x64(True):
         txs = [optim.transform(ref.case_spec(c)) for c in ref.CASES]
         runs = ref.run_jax_many(txs, 100, jnp.float64)
     return {ref.case_id(c): r for c, r in zip(ref.CASES, runs, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def float64_runs(request) -> dict[str, list]:
+    return background_result(request, "float64_runs")
 
 
 @pytest.mark.parametrize("case", ref.CASES, ids=[ref.case_id(c) for c in ref.CASES])
@@ -105,13 +114,18 @@ def _f32_specs() -> dict[str, optim.OptimizerSpec]:
     return specs | {f"{n}-{k}": optim.resolve(n, k) for n, k in F32_OLD}
 
 
-@pytest.fixture(scope="module")
-def float32_runs() -> dict[str, list]:
+@in_background("float32_runs", in_process=True)
+def _float32_runs(_: Path) -> dict[str, list]:
     """jaxnet's float32 trajectories of ``F32_CASES`` and ``F32_OLD``, compiled as one
-    program."""
+    program, while other tests run."""
     specs = _f32_specs()
     runs = ref.run_jax_many([optim.transform(s) for s in specs.values()], STEPS, jnp.float32)
     return dict(zip(specs, runs, strict=True))
+
+
+@pytest.fixture(scope="module")
+def float32_runs(request) -> dict[str, list]:
+    return background_result(request, "float32_runs")
 
 
 @pytest.mark.parametrize("case", F32_CASES, ids=[ref.case_id(c) for c in F32_CASES])
