@@ -360,23 +360,28 @@ class _Run:
 
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
-    """Whether every value of every array in ``tree`` is finite (one fused reduction)."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+    """Whether every value of every array in ``tree`` is finite (one fused reduction; True
+    for a tree without arrays, such as plain SGD's optimizer state)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)] or [True]))
 
 
-def _check_finite_params(run: _Run, epoch: int) -> None:
-    """Raise ``NonFiniteLossError`` when the params are not all finite, before they become a
-    checkpoint: the loss guard sees each step's loss before its update, so an update that
-    overflows on an epoch's last step would otherwise be saved as ``last`` (and ``best``)."""
-    if bool(_all_finite(run.state.params)):
+def _check_finite_state(run: _Run, epoch: int) -> None:
+    """Raise ``NonFiniteLossError`` when the params or the optimizer state are not all finite,
+    before they become a checkpoint: the loss guard sees each step's loss before its update,
+    so an update that overflows on an epoch's last step would otherwise be saved as ``last``
+    (and ``best``), and an optimizer state that overflows (Adam's second moment) while the
+    params stay finite would be resumed from."""
+    trees = {"params": run.state.params, "optimizer state": run.state.opt_state}
+    if bool(_all_finite(trees)):
         return
+    bad = " and the ".join(name for name, tree in trees.items() if not bool(_all_finite(tree)))
     kept = (
         f"the last good checkpoint (step {run.last_saved}) is kept in {run.ckpts.directory}"
         if run.last_saved is not None
         else "no epoch had finished, so no checkpoint was written"
     )
     raise NonFiniteLossError(
-        f"the params hold NaN or infinite values after step {int(run.state.step)} (epoch "
+        f"the {bad} hold NaN or infinite values after step {int(run.state.step)} (epoch "
         f"{epoch}); training stopped and they were not saved; {kept}. Lower --lr, or check "
         "the data."
     )
@@ -507,10 +512,12 @@ def _start_from_best(run: _Run, mesh: Mesh) -> None:
 
 def _start_afresh(run: _Run) -> None:
     """``--overwrite``: delete the workdir's checkpoints (only jaxnet's: a foreign entry is
-    refused, naming it), metrics and curves."""
+    refused, naming it), metrics and curves, and the optimizer state ``jaxnet import`` kept
+    with the weights it imported (it belongs to those checkpoints: left behind, a later
+    ``--resume`` from ``best`` would continue that torch run's optimizer state instead)."""
     run.ckpts.clear()
     if run.primary:
-        for name in ("metrics.jsonl", "curves.png"):
+        for name in ("metrics.jsonl", "curves.png", TORCH_OPTIMIZER_FILE):
             (run.workdir / name).unlink(missing_ok=True)
 
 
@@ -617,7 +624,7 @@ def _train_one_epoch(run: _Run, stop: Callable[[], bool], bar: Any) -> EpochProg
         )
         raise NonFiniteLossError(f"{e}; {kept}. Lower --lr, or check the data.") from None
     run.partial = None
-    _check_finite_params(run, run.epoch)
+    _check_finite_state(run, run.epoch)
     if not done:  # SIGINT/SIGTERM mid-epoch: save where we are
         run.save_last(run.epoch, progress, "running")
         return None

@@ -136,3 +136,6 @@ def test_cli_round_trip_through_a_torch_checkpoint(reference_run, tmp_path, caps
     assert not np.array_equal(
         np.asarray(last["fc3"]["bias"]), exported["model_state_dict"]["fc3.bias"]
     )
+    # --overwrite deletes the kept optimizer state with the checkpoints it belongs to.
+    train_and_evaluate(small(epochs=1, overwrite=True), again)
+    assert not (again / "torch_optimizer.pt").exists()

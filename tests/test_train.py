@@ -193,21 +193,25 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     assert (tmp_path / "curves.png").exists()
 
 
-def test_non_finite_params_after_an_epochs_last_step_are_never_saved(tmp_path, monkeypatch):
-    """The loss guard sees each step's loss before its update: params that overflow on an
-    epoch's last step (finite loss) must still never become ``last`` or ``best``."""
+@pytest.mark.parametrize("field", ["params", "opt_state"])
+def test_non_finite_state_after_an_epochs_last_step_is_never_saved(tmp_path, monkeypatch, field):
+    """The loss guard sees each step's loss before its update: params or an optimizer state
+    that overflow on an epoch's last step (finite loss) must still never become ``last`` or
+    ``best``."""
     real_step = train_mod.train_step
 
-    def inf_params_at_step_8(state, batch, criterion):
+    def inf_at_step_8(state, batch, criterion):
         new_state, metrics = real_step(state, batch, criterion)
         if int(new_state.step) == 8:  # the last of epoch 1's 8 steps
-            params = jax.tree.map(lambda a: a * np.float32("inf"), new_state.params)
-            new_state = new_state.replace(params=params)
+            tree = jax.tree.map(lambda a: a * np.float32("inf"), getattr(new_state, field))
+            new_state = new_state.replace(**{field: tree})
         return new_state, metrics
 
-    monkeypatch.setattr(train_mod, "train_step", inf_params_at_step_8)
+    monkeypatch.setattr(train_mod, "train_step", inf_at_step_8)
+    name = {"params": "params", "opt_state": "optimizer state"}[field]
     with pytest.raises(
-        NonFiniteLossError, match=r"params hold NaN or infinite values after step 8 \(epoch 1\)"
+        NonFiniteLossError,
+        match=rf"the {name} hold NaN or infinite values after step 8 \(epoch 1\)",
     ):
         train_and_evaluate(SMALL, tmp_path)
     with Checkpoints(tmp_path / "checkpoints", read_only=True) as ckpts:
