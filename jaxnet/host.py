@@ -167,7 +167,7 @@ def malloc_status() -> dict[str, Any]:
     ``threshold_bytes``, ``by`` (``"first step"``, ``"tune_malloc()"``, ``"restore_malloc()"``
     or None: nothing yet), ``note`` (why they were left alone, when they were), ``one_arena``
     (bool: ``M_ARENA_MAX`` = 1 since jaxnet's import) and ``arena_note`` (what was done to the
-    arenas, or why not)."""
+    arenas, or why not; after the limit is lifted, that glibc may keep the one arena)."""
     return dict(_status)
 
 
@@ -213,11 +213,19 @@ def _safely(cpu_expected: Callable[[], bool]) -> bool:
         return False
 
 
+# What lifting the limit cannot undo (measured: restore_malloc() right after import, once
+# JAX has started its threads, still leaves one arena).
+_SETTLED = (
+    "threads keep sharing one arena if glibc settled its arena count while the limit was set "
+    f"(it does so once); {MALLOC_ENV}=0 before importing jaxnet keeps glibc's own"
+)
+
+
 def _lift_arena_limit(by: str) -> bool:
     if not _status["one_arena"]:
         return False
     _set_arena_max(_GLIBC_DEFAULT_ARENA_MAX)
-    _status.update(one_arena=False, arena_note=f"limit lifted by {by}")
+    _status.update(one_arena=False, arena_note=f"limit lifted by {by}; {_SETTLED}")
     return True
 
 
