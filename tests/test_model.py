@@ -64,6 +64,29 @@ def test_init_params_same_seed_same_bits(net):
     assert not np.array_equal(a["fc1"]["kernel"], c["fc1"]["kernel"])
 
 
+@pytest.mark.parametrize("partitionable", [True, False])
+def test_torch_kernel_init_is_variance_scalings_bits(partitionable):
+    """The flat draw gives Flax's variance_scaling(1/3, fan_in, uniform) bit for bit (so a
+    seed's initial params do not depend on which one computes them), jitted as in
+    init_params and eagerly, for every kernel shape, in both of jax's threefry modes."""
+    import flax.linen as nn
+
+    from jaxnet.model import torch_kernel_init
+
+    flax_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    shapes = [layer["kernel"] for layer in SHAPES.values()] + [(64, 10)]
+    with jax.threefry_partitionable(partitionable):
+        for shape in shapes:
+            for dtype in (jnp.float32, jnp.bfloat16):
+                key = jax.random.key(len(shape) + shape[-1])
+                ours = jax.jit(torch_kernel_init, static_argnums=(1, 2))(key, shape, dtype)
+                theirs = jax.jit(flax_init, static_argnums=(1, 2))(key, shape, dtype)
+                assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+                np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+                eager = torch_kernel_init(key, shape, dtype)
+                np.testing.assert_array_equal(np.asarray(eager), np.asarray(theirs))
+
+
 FAN_IN = {"conv1": 9, "conv2": 54, "fc1": 12544, "fc2": 512, "fc3": 64}
 
 
