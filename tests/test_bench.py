@@ -153,3 +153,21 @@ def test_a_first_call_past_the_cap_is_skipped_with_the_reason():
     assert kept == [] and skipped == {"slow": dropped["slow"]}
     with pytest.raises(ValueError, match="first_call_cap_s"):
         bench.BenchConfig(first_call_cap_s=0)
+
+
+def test_the_step_parts_script_runs_and_both_sides_compute_the_same_loss():
+    # scripts/step_parts.py gives docs/performance.md its forward / gradient / update / step
+    # comparison at large batches: it must run, and time the same computation on both sides.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "step_parts.py"
+    spec = importlib.util.spec_from_file_location("step_parts", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    doc = module.main(["--batch-sizes", "16", "--reps", "1", "--min-rep-s", "0"])
+    parts = doc["batches"]["16"]
+    assert parts["loss_difference"] < 1e-5
+    for part in module.PARTS:
+        assert parts[part]["ratio"] > 0
+        assert parts[part]["jaxnet"]["median_ms"] > 0 and parts[part]["pytorch"]["min_ms"] > 0

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Where the training step's time goes, against PyTorch eager's, part by part.
+
+For each batch size, from the same weights and data, timed interleaved round by round (so that
+load from elsewhere hits them alike), median and minimum milliseconds per call:
+
+* ``forward``: the loss, jitted (jaxnet), and under ``torch.no_grad`` (PyTorch);
+* ``gradient``: ``jax.grad`` of that loss, jitted, and PyTorch's forward + ``backward()``;
+* ``update``: ``TrainState.apply_gradients`` of SGD(0.01, momentum=0.9), jitted, not donated,
+  and ``torch.optim.SGD.step()``;
+* ``step``: ``jaxnet.train_step`` as a user's loop calls it, and PyTorch's whole step.
+
+    python3 scripts/step_parts.py --json benchmarks/step-parts-cpu-2core.json
+
+Prints one line per batch size and part: PyTorch time / jaxnet time (>1: jaxnet faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import jaxnet
+from jaxnet.losses import cross_entropy
+from jaxnet.torch_reference import make_torch_net
+
+PARTS = ("forward", "gradient", "update", "step")
+
+Call = tuple[Callable[[], Any], Callable[[Any], Any]]  # (one call, wait for its result)
+
+
+def _no_wait(_: Any) -> None:
+    return None
+
+
+def _jax_calls(batch: tuple[jax.Array, jax.Array], params: Any) -> dict[str, Call]:
+    net = jaxnet.Net()
+    images, labels = batch
+
+    def loss(p: Any) -> jax.Array:
+        return cross_entropy(net.apply({"params": p}, images), labels)
+
+    forward, gradient = jax.jit(loss), jax.jit(jax.grad(loss))
+    state = jaxnet.TrainState.create(
+        apply_fn=net.apply, params=params, tx=jaxnet.optim.sgd(0.01, momentum=0.9)
+    )
+    grads = gradient(params)
+    update = jax.jit(lambda s, g: s.apply_gradients(grads=g))
+    box = [state]
+
+    def step() -> jax.Array:
+        box[0], metrics = jaxnet.train_step(box[0], batch)
+        return metrics["loss"]
+
+    wait = jax.block_until_ready
+    return {
+        "forward": (lambda: forward(params), wait),
+        "gradient": (lambda: gradient(params), wait),
+        "update": (lambda: update(state, grads), wait),
+        "step": (step, wait),
+    }
+
+
+def _torch_calls(x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, Call]:
+    net = make_torch_net(seed)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    yt = torch.from_numpy(y.astype(np.int64))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+    def forward() -> Any:
+        with torch.no_grad():
+            return F.cross_entropy(net(xt), yt)
+
+    def gradient() -> Any:
+        net.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(xt), yt)
+        loss.backward()
+        return loss
+
+    def step() -> Any:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(xt), yt)
+        loss.backward()
+        opt.step()
+        return loss
+
+    gradient()  # .grad filled: what update steps with
+    return {
+        "forward": (forward, _no_wait),
+        "gradient": (gradient, _no_wait),
+        "update": (opt.step, _no_wait),
+        "step": (step, _no_wait),
+    }
+
+
+def measure(batch_size: int, reps: int, min_rep_s: float, seed: int = 0) -> dict[str, Any]:
+    """``{part: {"jaxnet": {...}, "pytorch": {...}, "ratio": PyTorch / jaxnet median}}`` and
+    ``loss_difference`` (the two forward losses' absolute difference: round-off only)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch_size, 32, 32, 1), dtype=np.float32)
+    y = rng.integers(0, 2, batch_size).astype(np.int32)
+    params = jaxnet.params_from_torch(make_torch_net(seed).state_dict())
+    sides = {
+        "jaxnet": _jax_calls((jnp.asarray(x), jnp.asarray(y)), params),
+        "pytorch": _torch_calls(x, y, seed),
+    }
+    calls = {(side, part): c for side, cs in sides.items() for part, c in cs.items()}
+    # Both sides compute the same loss from the same weights and data (float32 round-off).
+    losses = {side: float(cs["forward"][0]()) for side, cs in sides.items()}
+    per_round = {}
+    for key, (run, wait) in calls.items():  # compile, warm up, and size each round
+        wait(run())
+        start = time.perf_counter()
+        wait(run())
+        per_round[key] = max(1, round(min_rep_s / max(time.perf_counter() - start, 1e-6)))
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+    for _ in range(reps):
+        for key, (run, wait) in calls.items():
+            start = time.perf_counter()
+            for _ in range(per_round[key]):
+                out = run()
+            wait(out)
+            times[key].append((time.perf_counter() - start) / per_round[key] * 1e3)
+    out: dict[str, Any] = {"loss_difference": abs(losses["jaxnet"] - losses["pytorch"])}
+    for part in PARTS:
+        row = {
+            side: {
+                "median_ms": statistics.median(times[side, part]),
+                "min_ms": min(times[side, part]),
+            }
+            for side in sides
+        }
+        row["ratio"] = row["pytorch"]["median_ms"] / row["jaxnet"]["median_ms"]
+        out[part] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-sizes", default="256,1024")
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--min-rep-s", type=float, default=0.5, help="seconds per variant per round")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    doc: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": f"scripts/step_parts.py --batch-sizes {args.batch_sizes} --reps {args.reps}",
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "malloc": jaxnet.host.malloc_status(),
+        "batches": {},
+    }
+    for b in (int(s) for s in args.batch_sizes.split(",")):
+        doc["batches"][str(b)] = parts = measure(b, args.reps, args.min_rep_s)
+        for part in PARTS:
+            row = parts[part]
+            print(
+                f"batch {b} {part}: jaxnet {row['jaxnet']['median_ms']:.2f} ms, PyTorch "
+                f"{row['pytorch']['median_ms']:.2f} ms, {row['ratio']:.2f}x",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
