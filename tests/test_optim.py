@@ -44,13 +44,19 @@ def check(spec: optim.OptimizerSpec, tx=None, limit: float = 4.0, ours=None) -> 
     return ratio
 
 
+# The background jobs' transforms are built here, at collection, in the main thread:
+# optim.transform looks its factory up in optim.OPTIMIZERS, which tests patch
+# (monkeypatch.setitem) while a job may still be running.
+with jax.enable_x64(True):
+    _F64_TXS = [optim.transform(ref.case_spec(c)) for c in ref.CASES]
+
+
 @in_background("float64_runs", in_process=True)
 def _float64_runs(_: Path) -> dict[str, list]:
     """jaxnet's float64 trajectories of every case, compiled as one program (cheaper), while
     other tests run."""
     with jax.enable_x64(True):
-        txs = [optim.transform(ref.case_spec(c)) for c in ref.CASES]
-        runs = ref.run_jax_many(txs, 100, jnp.float64)
+        runs = ref.run_jax_many(_F64_TXS, 100, jnp.float64)
     return {ref.case_id(c): r for c, r in zip(ref.CASES, runs, strict=True)}
 
 
@@ -114,13 +120,15 @@ def _f32_specs() -> dict[str, optim.OptimizerSpec]:
     return specs | {f"{n}-{k}": optim.resolve(n, k) for n, k in F32_OLD}
 
 
+_F32_TXS = {name: optim.transform(spec) for name, spec in _f32_specs().items()}  # as _F64_TXS
+
+
 @in_background("float32_runs", in_process=True)
 def _float32_runs(_: Path) -> dict[str, list]:
     """jaxnet's float32 trajectories of ``F32_CASES`` and ``F32_OLD``, compiled as one
     program, while other tests run."""
-    specs = _f32_specs()
-    runs = ref.run_jax_many([optim.transform(s) for s in specs.values()], STEPS, jnp.float32)
-    return dict(zip(specs, runs, strict=True))
+    runs = ref.run_jax_many(list(_F32_TXS.values()), STEPS, jnp.float32)
+    return dict(zip(_F32_TXS, runs, strict=True))
 
 
 @pytest.fixture(scope="module")
