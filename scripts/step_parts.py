@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import jaxnet
+from jaxnet.convert import nhwc_to_nchw
 from jaxnet.losses import cross_entropy
 from jaxnet.torch_reference import make_torch_net
 
@@ -73,7 +74,8 @@ def _jax_calls(batch: tuple[jax.Array, jax.Array], params: Any) -> dict[str, Cal
 
 def _torch_calls(x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, Call]:
     net = make_torch_net(seed)
-    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    # .copy(): fresh NCHW strides (a transposed view with C=1 would look channels_last to torch)
+    xt = torch.from_numpy(nhwc_to_nchw(x).copy())
     yt = torch.from_numpy(y.astype(np.int64))
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
