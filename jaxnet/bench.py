@@ -594,6 +594,7 @@ def _run_bench(
         "jax_device": str(jax.devices()[0].device_kind),
         "jax_version": jax.__version__,
         "cpu_count": os.cpu_count(),
+        "cpu": host.cpu_description(),
         "matmul_peak_gflops": peak,  # in the run's dtype
     }
     if torch_ok:
@@ -661,13 +662,21 @@ _MS_ROWS = {
 }
 
 
+def _cpu_words(cpu: dict[str, Any] | None) -> str:
+    # " (model, id; ISA)" for results that record the CPU (older JSON does not).
+    if not cpu:
+        return ""
+    isa = " ".join(cpu["vector_isa"]) or "no AVX2"
+    return f" ({cpu['model']}, {cpu['id'] or 'id unknown'}; {isa})"
+
+
 def _header(results: dict[str, Any]) -> str:
     m = results["machine"]
     malloc = m.get("malloc") or {}
     tuned = m.get("malloc_tuned", malloc.get("tuned"))
     return (
         f"jax {m['jax_version']} on {m['jax_backend']} ({m['jax_device']}), "
-        f"{m['cpu_count']} CPUs; torch {m.get('torch_version', '-')} on "
+        f"{m['cpu_count']} CPUs{_cpu_words(m.get('cpu'))}; torch {m.get('torch_version', '-')} on "
         f"{m.get('torch_device', '-')} with {m.get('torch_threads', '-')} threads; "
         f"{results['config']['dtype']} matmul peak {m['matmul_peak_gflops']:.1f} GFLOP/s; "
         f"dtype {results['config']['dtype']}"

@@ -38,6 +38,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import platform
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_MALLOC_THRESHOLD",
     "MALLOC_ENV",
     "auto_threshold",
+    "cpu_description",
     "malloc_status",
     "restore_malloc",
     "tune_malloc",
@@ -169,6 +171,48 @@ def malloc_status() -> dict[str, Any]:
     (bool: ``M_ARENA_MAX`` = 1 since jaxnet's import) and ``arena_note`` (what was done to the
     arenas, or why not; after the limit is lifted, that glibc may keep the one arena)."""
     return dict(_status)
+
+
+# The vector extensions that decide which kernels XLA:CPU (Eigen, YNNPACK) and PyTorch (oneDNN,
+# MKL) can run, as /proc/cpuinfo spells them.
+_VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_description(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The host CPU, for benchmark records: ``model`` (the model name), ``id`` (vendor, family
+    and model numbers: virtual machines often give a generic name), ``vector_isa`` (which
+    of AVX2, FMA, AVX-512, VNNI, BF16 and AMX it has, as /proc/cpuinfo names them) and
+    ``cpu_count`` (CPUs this process may use, else all).
+
+    Speed relative to PyTorch depends on the CPU, not only on the code: PyTorch's oneDNN
+    convolutions use AVX-512 and AMX where XLA:CPU's kernels gain less from them
+    (``docs/performance.md``), so a ratio means little without the CPU it was measured on.
+    ``cpuinfo``: the text of /proc/cpuinfo (read here when None; where there is none, as off
+    Linux, the model is ``platform.processor()`` and ``vector_isa`` is empty).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:  # the first processor's
+            fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call off Linux
+        count = os.cpu_count() or 0
+    numbers = (fields.get("vendor_id"), fields.get("cpu family"), fields.get("model"))
+    return {
+        "model": fields.get("model name") or platform.processor() or "unknown",
+        "id": "{} family {} model {}".format(*numbers) if all(numbers) else None,
+        "vector_isa": [flag for flag in _VECTOR_FLAGS if flag in flags],
+        "cpu_count": count,
+    }
 
 
 def _cpu_backend_expected() -> bool:

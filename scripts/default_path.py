@@ -163,6 +163,7 @@ def child(args: argparse.Namespace) -> None:
     run = default_run()  # first: a fresh process, as `jaxnet train` starts
     results = {str(b): _measure(b, args.reps, args.min_rep_s) for b in args.batch_sizes}
     status = getattr(getattr(jaxnet, "host", None), "malloc_status", None)
+    describe = getattr(getattr(jaxnet, "host", None), "cpu_description", None)
     print(
         json.dumps(
             {
@@ -173,6 +174,7 @@ def child(args: argparse.Namespace) -> None:
                 "malloc": status()
                 if status
                 else "not tuned (this build never tunes it in a user's script)",
+                "cpu": describe() if describe else None,
                 "batches": results,
                 "default_run": run,
             }
@@ -258,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         f"before ({args.before})": _run_child(_before_tree(args.before), args),
         "after (this tree)": _run_child(ROOT, args),
     }
+    cpu = runs["after (this tree)"].get("cpu")
+    if cpu:
+        print(f"CPU: {cpu['model']} ({cpu['id']}), {' '.join(cpu['vector_isa'])}")
     print(table(runs))
     for build, run in runs.items():
         if run.get("default_run"):
@@ -272,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(sys.argv),
             "runs": runs,
             "cpu_count": os.cpu_count(),
+            "cpu": cpu,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
         print(f"written to {args.json}")

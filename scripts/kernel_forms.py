@@ -178,6 +178,7 @@ def main() -> None:
         "command": f"scripts/kernel_forms.py --batch-sizes {args.batch_sizes}",
         "jax": jax.__version__,
         "torch": torch.__version__,
+        "cpu": host.cpu_description(),
         "batches": {},
     }
     for b in (int(s) for s in args.batch_sizes.split(",")):

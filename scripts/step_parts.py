@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "jax": jax.__version__,
         "torch": torch.__version__,
         "malloc": jaxnet.host.malloc_status(),
+        "cpu": jaxnet.host.cpu_description(),
         "batches": {},
     }
     for b in (int(s) for s in args.batch_sizes.split(",")):

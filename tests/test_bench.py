@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from jaxnet import bench
+from jaxnet import bench, host
 
 pytest.importorskip("torch")
 
@@ -50,6 +50,7 @@ def test_bench_runs_every_variant_and_writes_json(tmp_path):
     results = bench.run_bench(cfg, log=lambda line: None, on_batch=partial.append)
     assert partial == [results]  # called after each batch size with the results so far
     assert results["machine"]["matmul_peak_gflops"] > 0
+    assert results["machine"]["cpu"] == host.cpu_description()  # ratios depend on the CPU
     (batch,) = results["batches"]
     assert set(batch["variants"]) == {
         "jax_step",
@@ -72,6 +73,7 @@ def test_bench_runs_every_variant_and_writes_json(tmp_path):
         < batch["variants"]["jax_step"]["first_call_s"]
     )
     text = bench.format_results(results)
+    assert f"({results['machine']['cpu']['model']}, " in text.splitlines()[0]
     # The default path is its own row, first, beside the tuned variants.
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("| default path: `TrainState.create` + `jaxnet.train_step` | ")
@@ -167,6 +169,7 @@ def test_the_step_parts_script_runs_and_both_sides_compute_the_same_loss():
     spec.loader.exec_module(module)
     doc = module.main(["--batch-sizes", "16", "--reps", "1", "--min-rep-s", "0"])
     parts = doc["batches"]["16"]
+    assert doc["cpu"] == host.cpu_description()
     assert parts["loss_difference"] < 1e-5
     for part in module.PARTS:
         assert parts[part]["ratio"] > 0

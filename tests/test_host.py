@@ -269,3 +269,30 @@ def test_xla_threads_share_one_arena_after_import_unless_opted_out(opt_out):
         assert len(arenas) > 1, done.stderr  # XLA's threads took arenas of their own
     else:
         assert arenas == ["Arena 0:"], done.stderr
+
+
+_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse avx2 fma avx512f avx512_vnni amx_tile
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: some other name
+flags\t\t: fpu
+"""
+
+
+def test_cpu_description_reads_the_first_processor_and_its_vector_extensions():
+    cpu = host.cpu_description(_CPUINFO)
+    assert cpu["model"] == "Intel(R) Xeon(R) Platinum 8480+"
+    assert cpu["id"] == "GenuineIntel family 6 model 143"
+    assert cpu["vector_isa"] == ["avx2", "fma", "avx512f", "avx512_vnni", "amx_tile"]
+    assert cpu["cpu_count"] >= 1
+    bare = host.cpu_description("")  # no /proc/cpuinfo (off Linux): nothing made up
+    assert bare["id"] is None and bare["vector_isa"] == [] and bare["model"]
+    # This machine's own, as the benchmarks record it.
+    here = host.cpu_description()
+    assert here["model"] and isinstance(here["vector_isa"], list)
