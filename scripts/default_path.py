@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "9d8691e"
 
 
-def _variants(batch_size: int, seed: int = 0) -> dict[str, Any]:
-    """name -> (one call, sync); jaxnet's through the public API only."""
+def _variants(batch_size: int, seed: int = 0) -> tuple[dict[str, Any], Any]:
+    """(name -> (one call, sync), back to the first weights); jaxnet's through the public API
+    only."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -52,6 +53,7 @@ def _variants(batch_size: int, seed: int = 0) -> dict[str, Any]:
     x = rng.standard_normal((batch_size, 32, 32, 1), dtype=np.float32)
     y = rng.integers(0, 2, batch_size).astype(np.int32)
     start = make_torch_net(seed)
+    first_weights = {k: v.clone() for k, v in start.state_dict().items()}
     net = jaxnet.Net()
     params = jaxnet.params_from_torch(start.state_dict())
     box = [
@@ -59,6 +61,7 @@ def _variants(batch_size: int, seed: int = 0) -> dict[str, Any]:
             apply_fn=net.apply, params=params, tx=jaxnet.optim.sgd(0.01, momentum=0.9)
         )
     ]
+    first_state = box[0]
     batch = (jnp.asarray(x), jnp.asarray(y))
 
     def jax_step() -> Any:
@@ -87,6 +90,13 @@ def _variants(batch_size: int, seed: int = 0) -> dict[str, Any]:
         with torch.no_grad():
             return eval_net(xt)
 
+    def reset() -> None:
+        # Each round from the first weights: thousands of steps on one batch drive the loss to
+        # 0 and PyTorch's momentum into subnormal numbers, on which it runs ~2x slower.
+        box[0] = first_state
+        start.load_state_dict(first_weights)
+        opt.state.clear()
+
     eval_state = box[0]
     out = {
         "jax_train_step": (jax_step, jax.block_until_ready),
@@ -100,15 +110,15 @@ def _variants(batch_size: int, seed: int = 0) -> dict[str, Any]:
     }
     # Builds before jaxnet.inference have none (an installed jaxnet must not fill the gap).
     if not (Path(jaxnet.__file__).parent / "inference.py").exists():
-        return out
+        return out, reset
     from jaxnet.inference import predict_logits
 
     out["jax_predict_logits"] = (lambda: predict_logits(params, batch[0]), jax.block_until_ready)
-    return out
+    return out, reset
 
 
 def _measure(batch_size: int, reps: int, min_rep_s: float) -> dict[str, Any]:
-    variants = _variants(batch_size)
+    variants, reset = _variants(batch_size)
     first, calls = {}, {}
     for name, (run, sync) in variants.items():
         t = time.perf_counter()
@@ -120,6 +130,7 @@ def _measure(batch_size: int, reps: int, min_rep_s: float) -> dict[str, Any]:
         calls[name] = max(1, round(min_rep_s / max((time.perf_counter() - t) / 2, 1e-6)))
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(reps):
+        reset()
         for name, (run, sync) in variants.items():
             t = time.perf_counter()
             for _ in range(calls[name]):

@@ -18,6 +18,7 @@ Prints one line per batch size and part: PyTorch time / jaxnet time (>1: jaxnet 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -38,13 +39,14 @@ from jaxnet.torch_reference import make_torch_net
 PARTS = ("forward", "gradient", "update", "step")
 
 Call = tuple[Callable[[], Any], Callable[[Any], Any]]  # (one call, wait for its result)
+Side = tuple[dict[str, Call], Callable[[], None]]  # (calls by part, back to the first state)
 
 
 def _no_wait(_: Any) -> None:
     return None
 
 
-def _jax_calls(batch: tuple[jax.Array, jax.Array], params: Any) -> dict[str, Call]:
+def _jax_calls(batch: tuple[jax.Array, jax.Array], params: Any) -> Side:
     net = jaxnet.Net()
     images, labels = batch
 
@@ -63,16 +65,20 @@ def _jax_calls(batch: tuple[jax.Array, jax.Array], params: Any) -> dict[str, Cal
         box[0], metrics = jaxnet.train_step(box[0], batch)
         return metrics["loss"]
 
+    def reset() -> None:
+        box[0] = state
+
     wait = jax.block_until_ready
-    return {
+    calls = {
         "forward": (lambda: forward(params), wait),
         "gradient": (lambda: gradient(params), wait),
         "update": (lambda: update(state, grads), wait),
         "step": (step, wait),
     }
+    return calls, reset
 
 
-def _torch_calls(x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, Call]:
+def _torch_calls(x: np.ndarray, y: np.ndarray, seed: int) -> Side:
     net = make_torch_net(seed)
     # .copy(): fresh NCHW strides (a transposed view with C=1 would look channels_last to torch)
     xt = torch.from_numpy(nhwc_to_nchw(x).copy())
@@ -94,13 +100,23 @@ def _torch_calls(x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, Call]:
         opt.step()
         return loss
 
-    gradient()  # .grad filled: what update steps with
-    return {
+    first = {k: v.clone() for k, v in net.state_dict().items()}
+    first_opt = copy.deepcopy(opt.state_dict())
+
+    def reset() -> None:
+        # The weights and momentum of the start, and their .grad: what update steps with.
+        net.load_state_dict(first)
+        opt.load_state_dict(copy.deepcopy(first_opt))
+        gradient()
+
+    reset()
+    calls = {
         "forward": (forward, _no_wait),
         "gradient": (gradient, _no_wait),
         "update": (opt.step, _no_wait),
         "step": (step, _no_wait),
     }
+    return calls, reset
 
 
 def measure(batch_size: int, reps: int, min_rep_s: float, seed: int = 0) -> dict[str, Any]:
@@ -114,9 +130,9 @@ def measure(batch_size: int, reps: int, min_rep_s: float, seed: int = 0) -> dict
         "jaxnet": _jax_calls((jnp.asarray(x), jnp.asarray(y)), params),
         "pytorch": _torch_calls(x, y, seed),
     }
-    calls = {(side, part): c for side, cs in sides.items() for part, c in cs.items()}
+    calls = {(side, part): c for side, (cs, _) in sides.items() for part, c in cs.items()}
     # Both sides compute the same loss from the same weights and data (float32 round-off).
-    losses = {side: float(cs["forward"][0]()) for side, cs in sides.items()}
+    losses = {side: float(cs["forward"][0]()) for side, (cs, _) in sides.items()}
     per_round = {}
     for key, (run, wait) in calls.items():  # compile, warm up, and size each round
         wait(run())
@@ -125,6 +141,11 @@ def measure(batch_size: int, reps: int, min_rep_s: float, seed: int = 0) -> dict
         per_round[key] = max(1, round(min_rep_s / max(time.perf_counter() - start, 1e-6)))
     times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
     for _ in range(reps):
+        # Every round from the first weights: a round of thousands of updates with one
+        # gradient (or steps on one batch) would otherwise carry the weights far off, and
+        # PyTorch slows down on the subnormal numbers that follow (XLA flushes them to zero).
+        for _, reset in sides.values():
+            reset()
         for key, (run, wait) in calls.items():
             start = time.perf_counter()
             for _ in range(per_round[key]):

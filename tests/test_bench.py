@@ -174,3 +174,44 @@ def test_the_step_parts_script_runs_and_both_sides_compute_the_same_loss():
     for part in module.PARTS:
         assert parts[part]["ratio"] > 0
         assert parts[part]["jaxnet"]["median_ms"] > 0 and parts[part]["pytorch"]["min_ms"] > 0
+
+
+def test_every_variant_that_trains_steps_again_from_the_first_weights_after_reset():
+    # _bench_batch resets before every rep: without it, thousands of steps on one batch drive
+    # PyTorch's momentum into subnormal numbers (~2x slower steps) and skew the ratios.
+    import numpy as np
+
+    from jaxnet.convert import params_from_torch
+    from jaxnet.torch_reference import make_torch_net
+
+    cfg = bench.BenchConfig(batch_sizes=(2,), scan_steps=2, torch_compile=False)
+    state_dict = make_torch_net(cfg.seed).state_dict()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 32, 32, 1), dtype=np.float32)
+    y = np.array([0, 1], np.int32)
+    variants = bench._jax_variants(cfg, params_from_torch(state_dict), x, y)
+    variants += bench._torch_variants(cfg, state_dict, x, y, log=lambda line: None)
+    trained = {v.name: v for v in variants if v.reset is not None}
+    assert set(trained) == {"jax_step", "jax_donated", "jax_scan", "torch_step"}
+    for v in trained.values():
+
+        def loss(v=v):
+            return np.asarray(v.run().detach() if v.framework == "torch" else v.run())
+
+        # Two steps' losses: the second shows the first update (weights and momentum).
+        first = [loss(), loss()]
+        later = [loss() for _ in range(3)][-1]
+        assert not np.array_equal(later, first[0]), v.name  # the steps moved the weights
+        v.reset()
+        np.testing.assert_array_equal([loss(), loss()], first, err_msg=v.name)
+
+
+def test_the_timing_loop_resets_every_variant_before_every_rep(monkeypatch):
+    resets = []
+    fake = bench._Variant(
+        "jax_step", "jax", run=lambda: 0.0, sync=lambda out: None, reset=lambda: resets.append(1)
+    )
+    monkeypatch.setattr(bench, "_jax_variants", lambda *args: [fake])
+    cfg = bench.BenchConfig(batch_sizes=(2,), reps=3, warmup=0, min_rep_s=0, torch=False)
+    result = bench._bench_batch(cfg, 2, None, None, log=lambda line: None, dropped={})
+    assert len(resets) == 3 and len(result["variants"]["jax_step"]) > 0
