@@ -215,3 +215,39 @@ def test_the_timing_loop_resets_every_variant_before_every_rep(monkeypatch):
     cfg = bench.BenchConfig(batch_sizes=(2,), reps=3, warmup=0, min_rep_s=0, torch=False)
     result = bench._bench_batch(cfg, 2, None, None, log=lambda line: None, dropped={})
     assert len(resets) == 3 and len(result["variants"]["jax_step"]) > 0
+
+
+def _load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_update_buffers_script_times_one_update_three_ways():
+    # scripts/update_buffers.py gives docs/performance.md what new output buffers cost: its
+    # three forms must compute the same SGD-momentum update, and each round start afresh.
+    import numpy as np
+
+    module = _load_script("update_buffers")
+    params = {}
+    for name, (run, reset, result) in module._forms(1000).items():
+        reset()
+        run()
+        reset()  # back to the start: two updates from p = 1, m = 0
+        run()
+        run()
+        params[name] = result()
+    m = 0.9 * 0.01 + 0.01
+    expected = 1 - 0.01 * 0.01 - 0.01 * m
+    for name, p in params.items():
+        np.testing.assert_allclose(p, expected, rtol=1e-6, err_msg=name)
+    doc = module.main(["--mib", "0.25", "--reps", "1", "--calls", "1"])
+    row = doc["sizes_mib"]["0.25"]
+    assert set(row) == {"new buffers", "donated", "pytorch in place"}
+    assert all(r["median_ms"] > 0 for r in row.values())
+    assert doc["cpu"] == host.cpu_description()
