@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _measure import size_round, time_interleaved, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "9d8691e"
 
@@ -90,9 +92,7 @@ def _variants(batch_size: int, seed: int = 0) -> tuple[dict[str, Any], Any]:
         with torch.no_grad():
             return eval_net(xt)
 
-    def reset() -> None:
-        # Each round from the first weights: thousands of steps on one batch drive the loss to
-        # 0 and PyTorch's momentum into subnormal numbers, on which it runs ~2x slower.
+    def reset() -> None:  # every round from the first weights (see time_interleaved)
         box[0] = first_state
         start.load_state_dict(first_weights)
         opt.state.clear()
@@ -119,29 +119,13 @@ def _variants(batch_size: int, seed: int = 0) -> tuple[dict[str, Any], Any]:
 
 def _measure(batch_size: int, reps: int, min_rep_s: float) -> dict[str, Any]:
     variants, reset = _variants(batch_size)
-    first, calls = {}, {}
-    for name, (run, sync) in variants.items():
-        t = time.perf_counter()
-        sync(run())
-        first[name] = time.perf_counter() - t
-        t = time.perf_counter()
-        for _ in range(2):
-            sync(run())
-        calls[name] = max(1, round(min_rep_s / max((time.perf_counter() - t) / 2, 1e-6)))
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(reps):
-        reset()
-        for name, (run, sync) in variants.items():
-            t = time.perf_counter()
-            for _ in range(calls[name]):
-                out = run()
-            sync(out)
-            times[name].append((time.perf_counter() - t) / calls[name])
+    sized = {name: size_round(run, sync, min_rep_s) for name, (run, sync) in variants.items()}
+    times = time_interleaved(variants, {n: c for n, (_, c) in sized.items()}, reps, reset)
     return {
         name: {
             "median_ms": 1e3 * statistics.median(v),
             "min_ms": 1e3 * min(v),
-            "first_call_s": first[name],
+            "first_call_s": sized[name][0],
         }
         for name, v in times.items()
     }
@@ -290,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "cpu": cpu,
         }
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(doc, args.json)
         print(f"written to {args.json}")
     return 0
 

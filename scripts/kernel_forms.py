@@ -15,15 +15,14 @@ from elsewhere hits them alike; PyTorch's ``no_grad`` conv2 + ReLU is timed besi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from _measure import record, time_interleaved, write_json
 
 from jaxnet import host, kernels
 
@@ -101,15 +100,12 @@ def _torch_fc1(x: jax.Array, w: jax.Array) -> Any:
     return call
 
 
-def _time_interleaved(calls: dict[str, Any], reps: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for call in calls.values():  # first calls: compile and warm up
+def _median_ms(calls: dict[str, Any], reps: int) -> dict[str, float]:
+    """Median milliseconds of one call of each (after a first call: compile and warm up)."""
+    for call in calls.values():
         call()
-    for _ in range(reps):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
+    timed = {name: (call, lambda _: None) for name, call in calls.items()}
+    times = time_interleaved(timed, dict.fromkeys(calls, 1), reps)
     return {name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()}
 
 
@@ -153,7 +149,7 @@ def measure(batch: int, reps: int) -> dict[str, Any]:
             calls["pytorch conv2d + relu, no_grad"] = _torch_conv2(x)
         if section == "fc1_inference":
             calls["pytorch linear, no_grad"] = _torch_fc1(h, w)
-        ms = _time_interleaved(calls, reps)
+        ms = _median_ms(calls, reps)
         out[section] = {name: {"ms": ms[name]} for name in calls}
         for name in names:
             out[section][name]["max_abs_diff"] = _diff(outs[name], outs[ref_of[name]])
@@ -173,23 +169,14 @@ def main() -> None:
     args = p.parse_args()
     host.tune_malloc()
     torch.set_num_threads(2)
-    doc = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": f"scripts/kernel_forms.py --batch-sizes {args.batch_sizes}",
-        "jax": jax.__version__,
-        "torch": torch.__version__,
-        "cpu": host.cpu_description(),
-        "batches": {},
-    }
+    doc = record(f"scripts/kernel_forms.py --batch-sizes {args.batch_sizes}", batches={})
     for b in (int(s) for s in args.batch_sizes.split(",")):
         doc["batches"][str(b)] = measure(b, args.reps)
         for section, forms in doc["batches"][str(b)].items():
             row = ", ".join(f"{n}: {v['ms']:.2f} ms" for n, v in forms.items())
             print(f"batch {b} {section}: {row}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+        write_json(doc, args.json)
 
 
 if __name__ == "__main__":

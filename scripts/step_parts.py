@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _measure import Timed, record, size_round, time_interleaved, write_json
 
 import jaxnet
 from jaxnet.convert import nhwc_to_nchw
@@ -38,8 +37,7 @@ from jaxnet.torch_reference import make_torch_net
 
 PARTS = ("forward", "gradient", "update", "step")
 
-Call = tuple[Callable[[], Any], Callable[[Any], Any]]  # (one call, wait for its result)
-Side = tuple[dict[str, Call], Callable[[], None]]  # (calls by part, back to the first state)
+Side = tuple[dict[str, Timed], Callable[[], None]]  # (calls by part, back to the first state)
 
 
 def _no_wait(_: Any) -> None:
@@ -133,25 +131,14 @@ def measure(batch_size: int, reps: int, min_rep_s: float, seed: int = 0) -> dict
     calls = {(side, part): c for side, (cs, _) in sides.items() for part, c in cs.items()}
     # Both sides compute the same loss from the same weights and data (float32 round-off).
     losses = {side: float(cs["forward"][0]()) for side, (cs, _) in sides.items()}
-    per_round = {}
-    for key, (run, wait) in calls.items():  # compile, warm up, and size each round
-        wait(run())
-        start = time.perf_counter()
-        wait(run())
-        per_round[key] = max(1, round(min_rep_s / max(time.perf_counter() - start, 1e-6)))
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
-    for _ in range(reps):
-        # Every round from the first weights: a round of thousands of updates with one
-        # gradient (or steps on one batch) would otherwise carry the weights far off, and
-        # PyTorch slows down on the subnormal numbers that follow (XLA flushes them to zero).
-        for _, reset in sides.values():
-            reset()
-        for key, (run, wait) in calls.items():
-            start = time.perf_counter()
-            for _ in range(per_round[key]):
-                out = run()
-            wait(out)
-            times[key].append((time.perf_counter() - start) / per_round[key] * 1e3)
+    per_round = {key: size_round(run, wait, min_rep_s)[1] for key, (run, wait) in calls.items()}
+
+    def reset() -> None:  # both sides back to the first weights (see time_interleaved)
+        for _, side_reset in sides.values():
+            side_reset()
+
+    seconds = time_interleaved(calls, per_round, reps, reset)
+    times = {key: [1e3 * t for t in v] for key, v in seconds.items()}
     out: dict[str, Any] = {"loss_difference": abs(losses["jaxnet"] - losses["pytorch"])}
     for part in PARTS:
         row = {
@@ -174,15 +161,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    doc: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": f"scripts/step_parts.py --batch-sizes {args.batch_sizes} --reps {args.reps}",
-        "jax": jax.__version__,
-        "torch": torch.__version__,
-        "malloc": jaxnet.host.malloc_status(),
-        "cpu": jaxnet.host.cpu_description(),
-        "batches": {},
-    }
+    doc = record(
+        f"scripts/step_parts.py --batch-sizes {args.batch_sizes} --reps {args.reps}",
+        malloc=jaxnet.host.malloc_status(),
+        batches={},
+    )
     for b in (int(s) for s in args.batch_sizes.split(",")):
         doc["batches"][str(b)] = parts = measure(b, args.reps, args.min_rep_s)
         for part in PARTS:
@@ -193,9 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 flush=True,
             )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+        write_json(doc, args.json)
     return doc
 
 

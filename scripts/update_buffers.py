@@ -16,15 +16,14 @@ Prints one line per size: milliseconds per update (median) and the GB/s that the
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from _measure import record, time_interleaved, write_json
 
 from jaxnet import host
 
@@ -69,21 +68,20 @@ def _forms(n: int) -> dict[str, Any]:
     return forms
 
 
-def measure(mib: float, reps: int, calls: int) -> dict[str, Any]:
+def measure(mib: float, reps: int, calls_per_round: int) -> dict[str, Any]:
     """``{form: {"median_ms", "gb_per_s"}}`` for arrays of ``mib`` MiB (float32)."""
     n = int(mib * 2**20) // 4
     forms = _forms(n)
-    times: dict[str, list[float]] = {name: [] for name in forms}
     for run, reset, _ in forms.values():  # compile and warm up
         reset()
         run()
-    for _ in range(reps):
-        for name, (run, reset, _) in forms.items():
+
+    def reset_all() -> None:
+        for _, reset, _ in forms.values():
             reset()
-            start = time.perf_counter()
-            for _ in range(calls):
-                run()
-            times[name].append((time.perf_counter() - start) / calls)
+
+    calls = {name: (run, lambda _: None) for name, (run, _, _) in forms.items()}
+    times = time_interleaved(calls, dict.fromkeys(forms, calls_per_round), reps, reset_all)
     moved = 5 * n * 4  # read p, m, g; write p, m
     out = {}
     for name, t in times.items():
@@ -101,23 +99,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     host.tune_malloc()
     torch.set_num_threads(2)
-    doc: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": f"scripts/update_buffers.py --mib {args.mib} --reps {args.reps}",
-        "jax": jax.__version__,
-        "torch": torch.__version__,
-        "cpu": host.cpu_description(),
-        "sizes_mib": {},
-    }
+    doc = record(f"scripts/update_buffers.py --mib {args.mib} --reps {args.reps}", sizes_mib={})
     for mib in (float(s) for s in args.mib.split(",")):
         doc["sizes_mib"][f"{mib:g}"] = row = measure(mib, args.reps, args.calls)
         cells = [f"{n} {r['median_ms']:.3f} ms ({r['gb_per_s']:.0f} GB/s)" for n, r in row.items()]
         slower = row["new buffers"]["median_ms"] / row["donated"]["median_ms"]
         print(f"{mib:6g} MiB: {', '.join(cells)}; new buffers / donated {slower:.2f}x", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+        write_json(doc, args.json)
     return doc
 
 

@@ -73,6 +73,23 @@ SGD = jaxnet.optim.sgd(0.01, momentum=0.9)
 """The training job's optimizer, shared: a state's ``tx`` is a static argument too."""
 
 
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> Any:
+    """``scripts/<name>.py`` as a module, as ``python3 scripts/<name>.py`` would see it: with
+    its folder on ``sys.path`` (for the scripts' shared ``_measure``)."""
+    import importlib.util
+    import sys
+
+    if str(SCRIPTS) not in sys.path:
+        sys.path.append(str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def labels(n: int, seed: int = 2, num_classes: int = 2) -> torch.Tensor:
     """Integer class labels ``(n,)``: what every criterion takes."""
     return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))

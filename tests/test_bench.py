@@ -5,11 +5,13 @@ Speed itself is never asserted: ``jaxnet bench`` measures it.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
 
 import pytest
+from conftest import load_script
 
 from jaxnet import bench, host
 
@@ -160,13 +162,7 @@ def test_a_first_call_past_the_cap_is_skipped_with_the_reason():
 def test_the_step_parts_script_runs_and_both_sides_compute_the_same_loss():
     # scripts/step_parts.py gives docs/performance.md its forward / gradient / update / step
     # comparison at large batches: it must run, and time the same computation on both sides.
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "step_parts.py"
-    spec = importlib.util.spec_from_file_location("step_parts", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("step_parts")
     doc = module.main(["--batch-sizes", "16", "--reps", "1", "--min-rep-s", "0"])
     parts = doc["batches"]["16"]
     assert doc["cpu"] == host.cpu_description()
@@ -217,23 +213,12 @@ def test_the_timing_loop_resets_every_variant_before_every_rep(monkeypatch):
     assert len(resets) == 3 and len(result["variants"]["jax_step"]) > 0
 
 
-def _load_script(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_update_buffers_script_times_one_update_three_ways():
     # scripts/update_buffers.py gives docs/performance.md what new output buffers cost: its
     # three forms must compute the same SGD-momentum update, and each round start afresh.
     import numpy as np
 
-    module = _load_script("update_buffers")
+    module = load_script("update_buffers")
     params = {}
     for name, (run, reset, result) in module._forms(1000).items():
         reset()
@@ -251,3 +236,30 @@ def test_the_update_buffers_script_times_one_update_three_ways():
     assert set(row) == {"new buffers", "donated", "pytorch in place"}
     assert all(r["median_ms"] > 0 for r in row.values())
     assert doc["cpu"] == host.cpu_description()
+
+
+def test_the_scripts_time_interleaved_rounds_each_from_a_reset(tmp_path):
+    # scripts/_measure.py times every measurement script: each round resets first, then runs
+    # per_round calls of every entry in turn and waits once for the last result.
+    measure = load_script("_measure")
+    log: list[str] = []
+
+    def entry(name: str):
+        return (lambda: log.append(name) or name, lambda out: log.append(f"wait {out}"))
+
+    calls = {"a": entry("a"), "b": entry("b")}
+    times = measure.time_interleaved(calls, {"a": 2, "b": 1}, 3, lambda: log.append("reset"))
+    assert log == ["reset", "a", "a", "wait a", "b", "wait b"] * 3
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert all(t >= 0 for v in times.values() for t in v)
+
+    log.clear()
+    first, per_round = measure.size_round(*entry("a"), min_round_s=0.0)
+    assert log == ["a", "wait a"] * 3 and first >= 0 and per_round == 1
+
+    doc = measure.record("scripts/x.py --flag", rows={})
+    assert doc["command"] == "scripts/x.py --flag" and doc["rows"] == {}
+    assert doc["cpu"] == host.cpu_description() and {"date", "jax", "torch"} <= set(doc)
+    measure.write_json(doc, tmp_path / "out" / "x.json")
+    assert json.loads((tmp_path / "out" / "x.json").read_text()) == doc
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["x.json"]  # no temporary left

@@ -7,24 +7,16 @@ per-batch ratios to PyTorch.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import background_result, in_background, run_logged
+from conftest import SCRIPTS, background_result, in_background, load_script, run_logged
 
 pytest.importorskip("torch")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "device_check.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = SCRIPTS / "device_check.py"
 
 
 @in_background("reduced_device_check")
@@ -49,7 +41,7 @@ def reduced_device_check(request) -> Path:
 
 @pytest.mark.slow
 def test_reduced_run_writes_every_section_without_errors(reduced_device_check):
-    device_check = _load_script()
+    device_check = load_script("device_check")
     out = reduced_device_check
     assert sorted(p.name for p in out.iterdir()) == ["device_check.json", "device_check.log"]
     doc = json.loads((out / "device_check.json").read_text())

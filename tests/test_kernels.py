@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import NET, SGD
+from conftest import NET, SGD, load_script
 
 import jaxnet
 from jaxnet import kernels
@@ -181,13 +181,7 @@ def test_compiled_step_gives_no_convolution_to_ynnpack():
 def test_the_kernel_forms_benchmark_runs_and_its_forms_agree():
     # scripts/kernel_forms.py gives docs/performance.md its conv2 and fc1 figures: the forms of
     # each section must compute the same thing (float32 round-off of sums of 54-12,544 terms).
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "kernel_forms.py"
-    spec = importlib.util.spec_from_file_location("kernel_forms", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("kernel_forms")
     result = module.measure(2, reps=1)
     assert set(result) == {"conv2_forward", "conv2_input_gradient", "fc1", "fc1_inference"}
     for forms in result.values():
