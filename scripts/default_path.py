@@ -11,13 +11,17 @@ Each build runs in its own process (malloc settings are per process), with every
 batch size interleaved (A, B, C, A, B, C, ...) so that load from elsewhere hits them alike:
 
 * ``before``: the tree of commit ``--before`` (default 9d8691e, ``git archive`` into /tmp);
-* ``after``: this tree.
+* ``after``: this tree;
+* ``PyTorch alone``: PyTorch's side only, in a process that never tunes malloc
+  (``JAXNET_TUNE_MALLOC=0``), as a PyTorch user's own script runs. Beside jaxnet, PyTorch gets
+  jaxnet's malloc settings too, which spare it page faults at large batches.
 
     python3 scripts/default_path.py                       # batches 1,32,256,1024
     python3 scripts/default_path.py --json benchmarks/default-path.json
 
-Prints a markdown table of speed ratios (PyTorch time / jaxnet time: >1 means jaxnet is
-faster), step times, first-call (compile) times and the compile share of a default run.
+Prints markdown tables of speed ratios (PyTorch time / jaxnet time: >1 means jaxnet is
+faster), step times, first-call (compile) times and the compile share of a default run, and
+this tree against PyTorch alone.
 """
 
 from __future__ import annotations
@@ -39,45 +43,33 @@ ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "9d8691e"
 
 
-def _variants(batch_size: int, seed: int = 0) -> tuple[dict[str, Any], Any]:
-    """(name -> (one call, sync), back to the first weights); jaxnet's through the public API
-    only."""
-    import jax
-    import jax.numpy as jnp
+def _data(batch_size: int, seed: int) -> tuple[Any, Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch_size, 32, 32, 1), dtype=np.float32)
+    return x, rng.integers(0, 2, batch_size).astype(np.int32)
+
+
+def _torch_variants(batch_size: int, seed: int = 0) -> tuple[dict[str, Any], Any]:
+    """PyTorch's side: (name -> (one call, sync), back to the first weights)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    import jaxnet
     from jaxnet.torch_reference import make_torch_net
 
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch_size, 32, 32, 1), dtype=np.float32)
-    y = rng.integers(0, 2, batch_size).astype(np.int32)
-    start = make_torch_net(seed)
-    first_weights = {k: v.clone() for k, v in start.state_dict().items()}
-    net = jaxnet.Net()
-    params = jaxnet.params_from_torch(start.state_dict())
-    box = [
-        jaxnet.TrainState.create(
-            apply_fn=net.apply, params=params, tx=jaxnet.optim.sgd(0.01, momentum=0.9)
-        )
-    ]
-    first_state = box[0]
-    batch = (jnp.asarray(x), jnp.asarray(y))
-
-    def jax_step() -> Any:
-        box[0], metrics = jaxnet.train_step(box[0], batch)
-        return metrics["loss"]
-
+    x, y = _data(batch_size, seed)
+    net = make_torch_net(seed)
+    first_weights = {k: v.clone() for k, v in net.state_dict().items()}
     # .copy(): standard NCHW strides (the transposed view with C=1 would look channels_last)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
     yt = torch.from_numpy(y.astype(np.int64))
-    opt = torch.optim.SGD(start.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
     def torch_step() -> Any:
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(start(xt), yt)
+        loss = F.cross_entropy(net(xt), yt)
         loss.backward()
         opt.step()
         return loss
@@ -93,32 +85,79 @@ def _variants(batch_size: int, seed: int = 0) -> tuple[dict[str, Any], Any]:
             return eval_net(xt)
 
     def reset() -> None:  # every round from the first weights (see time_interleaved)
-        box[0] = first_state
-        start.load_state_dict(first_weights)
+        net.load_state_dict(first_weights)
         opt.state.clear()
 
-    eval_state = box[0]
-    out = {
+    done = lambda o: None  # noqa: E731
+    calls = {
+        "torch_step": (torch_step, done),
+        "torch_eval": (torch_eval, done),
+        "torch_forward": (torch_forward, done),
+    }
+    return calls, reset
+
+
+def _jax_variants(batch_size: int, seed: int = 0) -> tuple[dict[str, Any], Any]:
+    """jaxnet's side, through the public API only, from the same weights and data."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxnet
+    from jaxnet.torch_reference import make_torch_net
+
+    x, y = _data(batch_size, seed)
+    net = jaxnet.Net()
+    params = jaxnet.params_from_torch(make_torch_net(seed).state_dict())
+    first_state = jaxnet.TrainState.create(
+        apply_fn=net.apply, params=params, tx=jaxnet.optim.sgd(0.01, momentum=0.9)
+    )
+    box = [first_state]
+    batch = (jnp.asarray(x), jnp.asarray(y))
+
+    def jax_step() -> Any:
+        box[0], metrics = jaxnet.train_step(box[0], batch)
+        return metrics["loss"]
+
+    def reset() -> None:
+        box[0] = first_state
+
+    calls = {
         "jax_train_step": (jax_step, jax.block_until_ready),
-        "torch_step": (torch_step, lambda o: None),
         "jax_eval_step": (
-            lambda: jaxnet.eval_step(eval_state, batch)["loss"],
+            lambda: jaxnet.eval_step(first_state, batch)["loss"],
             jax.block_until_ready,
         ),
-        "torch_eval": (torch_eval, lambda o: None),
-        "torch_forward": (torch_forward, lambda o: None),
     }
     # Builds before jaxnet.inference have none (an installed jaxnet must not fill the gap).
-    if not (Path(jaxnet.__file__).parent / "inference.py").exists():
-        return out, reset
-    from jaxnet.inference import predict_logits
+    if (Path(jaxnet.__file__).parent / "inference.py").exists():
+        from jaxnet.inference import predict_logits
 
-    out["jax_predict_logits"] = (lambda: predict_logits(params, batch[0]), jax.block_until_ready)
-    return out, reset
+        calls["jax_predict_logits"] = (
+            lambda: predict_logits(params, batch[0]),
+            jax.block_until_ready,
+        )
+    return calls, reset
 
 
-def _measure(batch_size: int, reps: int, min_rep_s: float) -> dict[str, Any]:
-    variants, reset = _variants(batch_size)
+def _variants(batch_size: int, torch_alone: bool) -> tuple[dict[str, Any], Any]:
+    """(name -> (one call, sync), back to the first weights): both sides interleaved, or
+    PyTorch's alone."""
+    torch_calls, torch_reset = _torch_variants(batch_size)
+    if torch_alone:
+        return torch_calls, torch_reset
+    jax_calls, jax_reset = _jax_variants(batch_size)
+
+    def reset() -> None:
+        jax_reset()
+        torch_reset()
+
+    return {**jax_calls, **torch_calls}, reset
+
+
+def _measure(
+    batch_size: int, reps: int, min_rep_s: float, torch_alone: bool = False
+) -> dict[str, Any]:
+    variants, reset = _variants(batch_size, torch_alone)
     sized = {name: size_round(run, sync, min_rep_s) for name, (run, sync) in variants.items()}
     times = time_interleaved(variants, {n: c for n, (_, c) in sized.items()}, reps, reset)
     return {
@@ -149,14 +188,17 @@ def default_run() -> dict[str, Any] | None:
 
 
 def child(args: argparse.Namespace) -> None:
-    """Measure this build (the one on sys.path) and print one JSON line."""
+    """Measure this build (the one on sys.path), or PyTorch alone, and print one JSON line."""
     import jax
     import torch
 
     import jaxnet
 
-    run = default_run()  # first: a fresh process, as `jaxnet train` starts
-    results = {str(b): _measure(b, args.reps, args.min_rep_s) for b in args.batch_sizes}
+    # First: a fresh process, as `jaxnet train` starts.
+    run = None if args.torch_alone else default_run()
+    results = {
+        str(b): _measure(b, args.reps, args.min_rep_s, args.torch_alone) for b in args.batch_sizes
+    }
     status = getattr(getattr(jaxnet, "host", None), "malloc_status", None)
     describe = getattr(getattr(jaxnet, "host", None), "cpu_description", None)
     print(
@@ -189,11 +231,14 @@ def _before_tree(rev: str) -> Path:
     return dest
 
 
-def _run_child(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _run_child(tree: Path, args: argparse.Namespace, torch_alone: bool = False) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     argv = [sys.executable, str(Path(__file__).resolve()), "--child"]
     argv += ["--batch-sizes", ",".join(map(str, args.batch_sizes))]
     argv += ["--reps", str(args.reps), "--min-rep-s", str(args.min_rep_s)]
+    if torch_alone:  # as a PyTorch user's script runs: glibc's malloc as it comes
+        env["JAXNET_TUNE_MALLOC"] = "0"
+        argv.append("--torch-alone")
     done = subprocess.run(argv, env=env, cwd=tree, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -232,6 +277,27 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def alone_table(after: dict[str, Any], alone: dict[str, Any]) -> str:
+    """This tree against PyTorch in a process of its own (glibc's malloc as it comes, as in a
+    PyTorch user's script), and that PyTorch's times against the one beside jaxnet."""
+    lines = [
+        "| batch | train_step / torch step alone | eval_step / torch eval alone | predict_logits "
+        "/ torch forward alone | ms: torch step beside jaxnet / alone | ms: torch forward "
+        "beside jaxnet / alone |",
+        "|---|---|---|---|---|---|",
+    ]
+    for b, r in after["batches"].items():
+        t = {**r, **{f"{k} alone": v for k, v in alone["batches"][b].items()}}
+        lines.append(
+            f"| {b} | {_ratio(t, 'jax_train_step', 'torch_step alone')} "
+            f"| {_ratio(t, 'jax_eval_step', 'torch_eval alone')} "
+            f"| {_ratio(t, 'jax_predict_logits', 'torch_forward alone')} "
+            f"| {_ms(t, 'torch_step', 'torch_step alone')} "
+            f"| {_ms(t, 'torch_forward', 'torch_forward alone')} |"
+        )
+    return "\n".join(lines)
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", default="1,32,256,1024")
@@ -240,6 +306,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--before", default=BEFORE, help="the commit measured as 'before'")
     p.add_argument("--json", help="also write both runs as JSON here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--torch-alone", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     return args
@@ -255,10 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         f"before ({args.before})": _run_child(_before_tree(args.before), args),
         "after (this tree)": _run_child(ROOT, args),
     }
+    alone = _run_child(ROOT, args, torch_alone=True)
     cpu = runs["after (this tree)"].get("cpu")
     if cpu:
         print(f"CPU: {cpu['model']} ({cpu['id']}), {' '.join(cpu['vector_isa'])}")
     print(table(runs))
+    print("\nPyTorch alone (a process of its own, glibc's malloc as it comes):\n")
+    print(alone_table(runs["after (this tree)"], alone))
     for build, run in runs.items():
         if run.get("default_run"):
             d = run["default_run"]
@@ -271,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": started,
             "command": " ".join(sys.argv),
             "runs": runs,
+            "pytorch_alone": alone,
             "cpu_count": os.cpu_count(),
             "cpu": cpu,
         }

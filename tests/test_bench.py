@@ -263,3 +263,37 @@ def test_the_scripts_time_interleaved_rounds_each_from_a_reset(tmp_path):
     measure.write_json(doc, tmp_path / "out" / "x.json")
     assert json.loads((tmp_path / "out" / "x.json").read_text()) == doc
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["x.json"]  # no temporary left
+
+
+def test_the_default_path_script_times_pytorch_alone_with_glibc_malloc_as_it_comes():
+    # scripts/default_path.py compares the README's usage with PyTorch in a process of its own:
+    # beside jaxnet, PyTorch would get jaxnet's malloc settings (fewer page faults at large
+    # batches) and look faster than a PyTorch user's own script.
+    script = load_script("default_path")
+    args = script._parse(["--batch-sizes", "2", "--reps", "1", "--min-rep-s", "0"])
+    alone = script._run_child(script.ROOT, args, torch_alone=True)
+    assert alone["malloc"]["tuned"] is False and alone["malloc"]["one_arena"] is False
+    assert set(alone["batches"]["2"]) == {"torch_step", "torch_eval", "torch_forward"}
+    assert alone["default_run"] is None
+
+    both, reset = script._variants(2, torch_alone=False)
+    assert set(both) == set(alone["batches"]["2"]) | {
+        "jax_train_step",
+        "jax_eval_step",
+        "jax_predict_logits",
+    }
+
+    # Both sides step from the same weights and data: the same first loss, and again after reset.
+    def first_losses() -> list[float]:
+        outs = [both[name][0]() for name in ("jax_train_step", "torch_step")]
+        return [float(getattr(o, "detach", lambda o=o: o)()) for o in outs]
+
+    losses = first_losses()
+    reset()
+    again = first_losses()
+    assert abs(losses[0] - losses[1]) < 1e-5 and again == losses
+
+    after = {"batches": {"2": {n: {"median_ms": 2.0} for n in both}}}
+    slower = {"batches": {"2": {n: {"median_ms": 3.0} for n in alone["batches"]["2"]}}}
+    table = script.alone_table(after, slower)
+    assert table.splitlines()[-1] == "| 2 | 1.50x | 1.50x | 1.50x | 2.00 / 3.00 | 2.00 / 3.00 |"
