@@ -4,9 +4,10 @@ with the kernel stored (in, out) as Flax's Dense does or (out, in) as torch's Li
 and fc1's inference product plain and as ``kernels.dense_dot_general`` computes it, on this
 machine's CPU.
 
-Each form is jitted alone and timed (median of ``--reps`` calls) with glibc's malloc tuned as
-jaxnet's steps tune it, the forms of one batch size interleaved round by round, so that load
-from elsewhere hits them alike; PyTorch's ``no_grad`` conv2 + ReLU is timed beside them.
+Each form is jitted alone and timed (median per call over ``--reps`` rounds of
+``--min-round-s``) with glibc's malloc tuned as jaxnet's steps tune it, the forms of one batch
+size interleaved round by round, so that load from elsewhere hits them alike; PyTorch's
+``no_grad`` conv2 + ReLU and fc1 ``linear`` are timed beside them.
 ``max_abs_diff`` is against the first form of each section (float32 round-off only).
 
     python3 scripts/kernel_forms.py --json benchmarks/kernel-forms-cpu-2core.json
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from _measure import record, time_interleaved, write_json
+from _measure import record, size_round, time_interleaved, write_json
 
 from jaxnet import host, kernels
 
@@ -100,12 +101,16 @@ def _torch_fc1(x: jax.Array, w: jax.Array) -> Any:
     return call
 
 
-def _median_ms(calls: dict[str, Any], reps: int) -> dict[str, float]:
-    """Median milliseconds of one call of each (after a first call: compile and warm up)."""
-    for call in calls.values():
-        call()
+def _median_ms(calls: dict[str, Any], reps: int, min_round_s: float) -> dict[str, float]:
+    """Median milliseconds per call of each, over ``reps`` rounds of ``min_round_s`` each.
+
+    Why whole rounds: the forms of a section share their inputs, so one call per round would
+    find them in cache after the form before it (fc1's 25 MB kernel fits some L3s) and time
+    the first form of each round cold: the same product measured 13.0 against 7.8 ms.
+    """
     timed = {name: (call, lambda _: None) for name, call in calls.items()}
-    times = time_interleaved(timed, dict.fromkeys(calls, 1), reps)
+    per_round = {name: size_round(*timed[name], min_round_s)[1] for name in timed}
+    times = time_interleaved(timed, per_round, reps)
     return {name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()}
 
 
@@ -120,7 +125,7 @@ def _torch_conv2(x: jax.Array) -> Any:
     return call
 
 
-def measure(batch: int, reps: int) -> dict[str, Any]:
+def measure(batch: int, reps: int, min_round_s: float = 0.05) -> dict[str, Any]:
     """Per section and form: milliseconds per call and the largest difference from the
     section's reference form."""
     rng = np.random.default_rng(batch)
@@ -149,7 +154,7 @@ def measure(batch: int, reps: int) -> dict[str, Any]:
             calls["pytorch conv2d + relu, no_grad"] = _torch_conv2(x)
         if section == "fc1_inference":
             calls["pytorch linear, no_grad"] = _torch_fc1(h, w)
-        ms = _median_ms(calls, reps)
+        ms = _median_ms(calls, reps, min_round_s)
         out[section] = {name: {"ms": ms[name]} for name in calls}
         for name in names:
             out[section][name]["max_abs_diff"] = _diff(outs[name], outs[ref_of[name]])
@@ -165,13 +170,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", default="1,32,256,1024")
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--min-round-s", type=float, default=0.05, help="seconds per form per round")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     host.tune_malloc()
     torch.set_num_threads(2)
-    doc = record(f"scripts/kernel_forms.py --batch-sizes {args.batch_sizes}", batches={})
+    command = f"scripts/kernel_forms.py --batch-sizes {args.batch_sizes} --reps {args.reps}"
+    doc = record(f"{command} --min-round-s {args.min_round_s}", batches={})
     for b in (int(s) for s in args.batch_sizes.split(",")):
-        doc["batches"][str(b)] = measure(b, args.reps)
+        doc["batches"][str(b)] = measure(b, args.reps, args.min_round_s)
         for section, forms in doc["batches"][str(b)].items():
             row = ", ".join(f"{n}: {v['ms']:.2f} ms" for n, v in forms.items())
             print(f"batch {b} {section}: {row}", flush=True)
