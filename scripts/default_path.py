@@ -220,14 +220,22 @@ def child(args: argparse.Namespace) -> None:
 
 
 def _before_tree(rev: str) -> Path:
-    """``rev``'s jaxnet package, from ``git archive``, in a temporary folder."""
-    dest = Path(tempfile.gettempdir()) / f"jaxnet-{rev}"
-    if not (dest / "jaxnet" / "__init__.py").exists():
-        dest.mkdir(parents=True, exist_ok=True)
+    """``rev``'s jaxnet package, from ``git archive``, in a temporary folder named by its
+    commit (so ``--before HEAD`` follows new commits), extracted whole or not at all."""
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dest = Path(tempfile.gettempdir()) / f"jaxnet-{commit}"
+    if not dest.exists():
         archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", rev, "jaxnet"], capture_output=True, check=True
+            ["git", "-C", str(ROOT), "archive", commit, "jaxnet"], capture_output=True, check=True
         ).stdout
-        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        partial = Path(tempfile.mkdtemp(prefix=f"jaxnet-{commit[:12]}-", dir=dest.parent))
+        subprocess.run(["tar", "-x", "-C", str(partial)], input=archive, check=True)
+        partial.rename(dest)
     return dest
 
 

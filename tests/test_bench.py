@@ -297,3 +297,22 @@ def test_the_default_path_script_times_pytorch_alone_with_glibc_malloc_as_it_com
     slower = {"batches": {"2": {n: {"median_ms": 3.0} for n in alone["batches"]["2"]}}}
     table = script.alone_table(after, slower)
     assert table.splitlines()[-1] == "| 2 | 1.50x | 1.50x | 1.50x | 2.00 / 3.00 | 2.00 / 3.00 |"
+
+
+def test_the_default_path_scripts_before_tree_is_the_commit_it_names(tmp_path, monkeypatch):
+    # --before HEAD must follow new commits: the tree is kept per commit, not per name.
+    import subprocess
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    script = load_script("default_path")
+    head = subprocess.run(
+        ["git", "-C", str(script.ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    tree = script._before_tree("HEAD")
+    assert tree.name == f"jaxnet-{head}"
+    assert (tree / "jaxnet" / "__init__.py").is_file()
+    assert script._before_tree(head) == tree
+    assert [p.name for p in tmp_path.iterdir()] == [tree.name]  # no partial extraction left
