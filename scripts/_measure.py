@@ -1,5 +1,6 @@
 """What the measurement scripts beside this file share: sizing a timing round, timing calls
-interleaved round by round, and the JSON record they write for ``benchmarks/``.
+interleaved round by round, and the head of the JSON record they write for ``benchmarks/``
+(with ``jaxnet.bench.write_json``, atomically).
 
 ``python3 scripts/<name>.py`` puts this folder on ``sys.path``, so the scripts import it as
 ``_measure``. ``time_interleaved`` and ``size_round`` use nothing of jaxnet, because
@@ -8,10 +9,8 @@ interleaved round by round, and the JSON record they write for ``benchmarks/``.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Hashable, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -79,11 +78,3 @@ def record(command: str, **fields: Any) -> dict[str, Any]:
         "cpu": host.cpu_description(),
         **fields,
     }
-
-
-def write_json(doc: Mapping[str, Any], path: str | Path) -> None:
-    """``doc`` as indented JSON at ``path``, atomically: the old file or the whole new one."""
-    from jaxnet.io import atomic_write
-
-    text = json.dumps(doc, indent=1) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

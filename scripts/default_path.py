@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _measure import size_round, time_interleaved, write_json
+from _measure import size_round, time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "9d8691e"
@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "cpu": cpu,
         }
+        from jaxnet.bench import write_json
+
         write_json(doc, args.json)
         print(f"written to {args.json}")
     return 0

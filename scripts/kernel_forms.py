@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from _measure import record, size_round, time_interleaved, write_json
+from _measure import record, size_round, time_interleaved
 
 from jaxnet import host, kernels
+from jaxnet.bench import write_json
 
 
 def _pad_channels(x: jax.Array, axis_size: int) -> jax.Array:

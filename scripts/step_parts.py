@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _measure import Timed, record, size_round, time_interleaved, write_json
+from _measure import Timed, record, size_round, time_interleaved
 
 import jaxnet
+from jaxnet.bench import write_json
 from jaxnet.convert import nhwc_to_nchw
 from jaxnet.losses import cross_entropy
 from jaxnet.torch_reference import make_torch_net

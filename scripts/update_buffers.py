@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from _measure import record, time_interleaved, write_json
+from _measure import record, time_interleaved
 
 from jaxnet import host
+from jaxnet.bench import write_json
 
 LR, MOMENTUM = 0.01, 0.9
 
